@@ -1,0 +1,853 @@
+//! The store: opening, lookups, reads, names and pins.
+//!
+//! Actors: any number of caller threads reading and ingesting at once; GC and
+//! eviction, serialised by `gc_lock`. The invariants between them:
+//! - ingest registers every chunk it references in `in_use` *before* it looks
+//!   the chunk up, and releases it only after its commit is durable;
+//! - GC and eviction delete a chunk only while holding `in_use` and seeing the
+//!   chunk absent from it; readers register an object's chunks when they
+//!   open it. So nothing being written or read is reclaimed under its user.
+//! - commits take `commit_lock` shared; GC's mark and sweep take it
+//!   exclusively, so a root committed during GC cannot be missed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use prometheus::Registry;
+use quick_cache::sync::Cache;
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::chunker::ChunkerConfig;
+use crate::engine::{open_engine, EngineKind, IoEngine};
+use crate::error::{IoContext, Result, StoreError};
+use crate::index::{self, ChunkMeta, Location, NameEntry, ObjectInfo};
+use crate::metrics::StoreMetrics;
+use crate::outboard::{Outboard, GROUP_LEN};
+use crate::recipe::Recipe;
+use crate::segment::{self, ActiveSegment, Segment};
+use crate::{ChunkId, ObjectId};
+
+/// How a store is opened. Every field has a sane default.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// How new objects are chunked.
+    pub chunker: ChunkerConfig,
+    /// Which I/O engine reads and writes segments.
+    pub engine: EngineKind,
+    /// Check every chunk read from disk against its id. Turn off only for
+    /// benchmarks that isolate I/O cost.
+    pub verify_reads: bool,
+    /// zstd-compress chunks that shrink by at least 10%.
+    pub compress: bool,
+    /// Byte budget for chunk payloads; past it, least recently used chunks of
+    /// unpinned objects are evicted. `None`: no budget.
+    pub budget_bytes: Option<u64>,
+    /// Roll to a new segment file past this size.
+    pub segment_bytes: u64,
+    /// Chunks up to this size live inline in the index.
+    pub inline_max: usize,
+    /// Memory for cached outboards (random-read verification state).
+    pub outboard_cache_bytes: u64,
+    /// GC compacts a segment when less than this fraction of it is live.
+    pub compact_below: f64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            chunker: ChunkerConfig::default(),
+            engine: EngineKind::Auto,
+            verify_reads: true,
+            compress: false,
+            budget_bytes: None,
+            segment_bytes: 256 << 20,
+            inline_max: 4096,
+            outboard_cache_bytes: 64 << 20,
+            compact_below: 0.5,
+        }
+    }
+}
+
+/// A chunk store on a local directory. Cheap to clone; all clones share state.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OutboardWeighter;
+
+impl quick_cache::Weighter<ChunkId, Arc<Outboard>> for OutboardWeighter {
+    fn weight(&self, _k: &ChunkId, v: &Arc<Outboard>) -> u64 {
+        v.mem_size() as u64 + 64
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) seg_dir: PathBuf,
+    pub(crate) quarantine_dir: PathBuf,
+    pub(crate) cfg: StoreConfig,
+    pub(crate) engine: Arc<dyn IoEngine>,
+    pub(crate) db: DB,
+    pub(crate) segs: RwLock<BTreeMap<u32, Arc<Segment>>>,
+    pub(crate) active: Mutex<ActiveSegment>,
+    pub(crate) meta_cache: Cache<ChunkId, Arc<ChunkMeta>>,
+    pub(crate) outboards: Cache<ChunkId, Arc<Outboard>, OutboardWeighter>,
+    pub(crate) recipes: Cache<ObjectId, Arc<Recipe>>,
+    pub(crate) in_use: Mutex<HashMap<ChunkId, u32>>,
+    pub(crate) commit_lock: RwLock<()>,
+    pub(crate) gc_lock: Mutex<()>,
+    pub(crate) atime: Mutex<HashMap<ChunkId, u64>>,
+    pub(crate) clock: AtomicU64,
+    pub(crate) metrics: StoreMetrics,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).field("engine", &self.engine.name()).finish()
+    }
+}
+
+/// Keeps chunks registered as in use until dropped.
+#[derive(Debug)]
+pub(crate) struct InUse {
+    store: Arc<Inner>,
+    ids: Vec<ChunkId>,
+}
+
+impl InUse {
+    pub(crate) fn new(store: &Arc<Inner>) -> Self {
+        Self { store: store.clone(), ids: Vec::new() }
+    }
+
+    pub(crate) fn add(&mut self, id: ChunkId) {
+        *self.store.in_use.lock().entry(id).or_insert(0) += 1;
+        self.ids.push(id);
+    }
+
+    pub(crate) fn add_all(&mut self, ids: impl Iterator<Item = ChunkId>) {
+        let mut m = self.store.in_use.lock();
+        for id in ids {
+            *m.entry(id).or_insert(0) += 1;
+            self.ids.push(id);
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = self.store.in_use.lock();
+        for id in &self.ids {
+            if let Some(n) = m.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// What `resolve` accepts: an object id, a name, or a digest.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) fn sync_write() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+impl Store {
+    /// Open (or create) the store in `dir` with its own metrics registry.
+    pub fn open(dir: impl AsRef<Path>, cfg: StoreConfig) -> Result<Self> {
+        Self::open_with_registry(dir, cfg, &Registry::new())
+    }
+
+    /// Open (or create) the store in `dir`, registering metrics in `reg`.
+    pub fn open_with_registry(dir: impl AsRef<Path>, cfg: StoreConfig, reg: &Registry) -> Result<Self> {
+        cfg.chunker.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if cfg.segment_bytes < (1 << 20) {
+            return Err(StoreError::Invalid("segment_bytes must be at least 1 MiB".into()));
+        }
+        if !(0.0..=1.0).contains(&cfg.compact_below) {
+            return Err(StoreError::Invalid("compact_below must be within 0..=1".into()));
+        }
+        let dir = dir.as_ref().to_path_buf();
+        let seg_dir = dir.join("segments");
+        let quarantine_dir = dir.join("quarantine");
+        for d in [&dir, &seg_dir, &quarantine_dir] {
+            fs::create_dir_all(d).ctx(|| format!("create directory {}", d.display()))?;
+        }
+        let engine = open_engine(cfg.engine).ctx(|| format!("open I/O engine {:?}", cfg.engine))?;
+
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
+        block.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
+        opts.set_block_based_table_factory(&block);
+        let cfs = index::ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, opts.clone()));
+        let db_path = dir.join("index");
+        let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|e| {
+            if e.to_string().contains("lock") {
+                StoreError::Locked(dir.clone())
+            } else {
+                StoreError::Db(e)
+            }
+        })?;
+
+        // Existing segments stay readable; appends always go to a fresh one,
+        // so a torn tail from a crash is never appended after.
+        let mut segs = BTreeMap::new();
+        let mut seg_bytes = 0;
+        for entry in fs::read_dir(&seg_dir).ctx(|| format!("list {}", seg_dir.display()))? {
+            let entry = entry.ctx(|| format!("list {}", seg_dir.display()))?;
+            if let Some(no) = entry.file_name().to_str().and_then(segment::parse_name) {
+                let s = Segment::open(&seg_dir, no)?;
+                seg_bytes += s.len()?;
+                segs.insert(no, Arc::new(s));
+            }
+        }
+        let next = segs.keys().next_back().map_or(0, |n| n + 1);
+        let active_seg = Arc::new(Segment::create(&seg_dir, next)?);
+        segs.insert(next, active_seg.clone());
+
+        let metrics = StoreMetrics::new(reg);
+        metrics.segment_bytes.set(seg_bytes as i64);
+        let inner = Arc::new(Inner {
+            seg_dir,
+            quarantine_dir,
+            engine,
+            db,
+            segs: RwLock::new(segs),
+            active: Mutex::new(ActiveSegment::new(active_seg, 0)),
+            meta_cache: Cache::new(1 << 18),
+            outboards: Cache::with_weighter(
+                (cfg.outboard_cache_bytes / 600).max(16) as usize,
+                cfg.outboard_cache_bytes,
+                OutboardWeighter,
+            ),
+            recipes: Cache::new(4096),
+            in_use: Mutex::new(HashMap::new()),
+            commit_lock: RwLock::new(()),
+            gc_lock: Mutex::new(()),
+            atime: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(1),
+            metrics,
+            cfg,
+            dir,
+        });
+        let store = Self { inner };
+        store.recount()?;
+        tracing::info!(dir = %store.inner.dir.display(), engine = store.engine_name(), "chunk store open");
+        Ok(store)
+    }
+
+    /// Recompute the size gauges from the index.
+    pub(crate) fn recount(&self) -> Result<()> {
+        let db = &self.inner.db;
+        let mut physical = 0u64;
+        for kv in db.iterator_cf(self.cf(index::CF_CHUNKS), rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            if let Some(id) = ChunkId::from_slice(&k) {
+                if let Ok(m) = ChunkMeta::decode(&id, &v) {
+                    physical += m.stored_len();
+                }
+            }
+        }
+        let mut logical = 0u64;
+        for kv in db.iterator_cf(self.cf(index::CF_OBJECTS), rocksdb::IteratorMode::Start) {
+            let (_, v) = kv?;
+            if let Ok(info) = serde_json::from_slice::<ObjectInfo>(&v) {
+                logical += info.len;
+            }
+        }
+        let m = &self.inner.metrics;
+        m.physical_bytes.set(physical as i64);
+        m.logical_bytes.set(logical as i64);
+        m.update_ratio();
+        Ok(())
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Every CF in ALL_CFS is created at open, so this lookup cannot fail
+        // for the constants this crate passes.
+        self.inner.db.cf_handle(name).unwrap_or_else(|| unreachable_cf(name))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.cfg
+    }
+
+    /// `"uring"` or `"psync"`.
+    pub fn engine_name(&self) -> &'static str {
+        self.inner.engine.name()
+    }
+
+    /// The store's metrics.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn touch(&self, id: &ChunkId) {
+        if self.inner.cfg.budget_bytes.is_some() {
+            let t = self.inner.clock.fetch_add(1, Ordering::Relaxed);
+            self.inner.atime.lock().insert(*id, t);
+        }
+    }
+
+    /// The index entry of a chunk, if the chunk is present.
+    pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<Arc<ChunkMeta>>> {
+        if let Some(m) = self.inner.meta_cache.get(id) {
+            return Ok(Some(m));
+        }
+        match self.inner.db.get_pinned_cf(self.cf(index::CF_CHUNKS), id.as_bytes())? {
+            Some(v) => {
+                let m = Arc::new(ChunkMeta::decode(id, &v)?);
+                self.inner.meta_cache.insert(*id, m.clone());
+                Ok(Some(m))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the chunk is present.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.chunk_meta(id)?.is_some())
+    }
+
+    pub(crate) fn segment(&self, no: u32) -> Option<Arc<Segment>> {
+        self.inner.segs.read().get(&no).cloned()
+    }
+
+    /// Read a chunk's stored bytes (maybe compressed), unverified.
+    pub(crate) fn read_stored(&self, id: &ChunkId, meta: &ChunkMeta) -> Result<(Bytes, PathBuf, u64)> {
+        match &meta.loc {
+            Location::Inline(b) => Ok((b.clone(), self.inner.dir.join("index"), 0)),
+            Location::Segment { seg, offset, stored_len } => {
+                let s = self.segment(*seg).ok_or_else(|| StoreError::BadEntry {
+                    what: format!("chunk {id}"),
+                    why: format!("points at segment {seg}, which does not exist"),
+                })?;
+                let mut buf = vec![0u8; *stored_len as usize];
+                self.inner
+                    .engine
+                    .read_exact_at(&s.file, *offset, &mut buf)
+                    .ctx(|| format!("read chunk {id} from {}:{offset}", s.path.display()))?;
+                Ok((Bytes::from(buf), s.path.clone(), *offset))
+            }
+        }
+    }
+
+    /// Read a whole chunk and check it against its id; a mismatch quarantines it.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
+        let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
+        self.read_chunk_with(id, &meta, true)
+    }
+
+    pub(crate) fn read_chunk_with(&self, id: &ChunkId, meta: &ChunkMeta, verify: bool) -> Result<Bytes> {
+        let (stored, path, offset) = match self.read_stored(id, meta) {
+            Ok(x) => x,
+            // A compaction may have moved the chunk since `meta` was cached.
+            Err(StoreError::BadEntry { .. }) if self.inner.meta_cache.remove(id).is_some() => {
+                let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
+                return self.read_chunk_with(id, &meta, verify);
+            }
+            Err(e) => return Err(e),
+        };
+        self.inner.metrics.chunks_read.inc();
+        self.touch(id);
+        let data = if meta.compressed {
+            match zstd::bulk::decompress(&stored, meta.raw_len as usize) {
+                Ok(d) if d.len() == meta.raw_len as usize => Bytes::from(d),
+                _ => return Err(self.quarantine(id, &stored, path, offset)),
+            }
+        } else {
+            stored.clone()
+        };
+        if verify && (data.len() != meta.raw_len as usize || ChunkId::of(&data) != *id) {
+            return Err(self.quarantine(id, &stored, path, offset));
+        }
+        Ok(data)
+    }
+
+    /// Move a corrupt chunk aside: copy its bytes to `quarantine/`, drop its
+    /// index entry so it reads as missing, count and log it.
+    pub(crate) fn quarantine(&self, id: &ChunkId, stored: &[u8], path: PathBuf, offset: u64) -> StoreError {
+        let q = self.inner.quarantine_dir.join(format!("{id}-{}-{offset}", path.file_name().and_then(|n| n.to_str()).unwrap_or("inline")));
+        if let Err(e) = fs::write(&q, stored) {
+            tracing::error!(%id, error = %e, "could not copy corrupt chunk to quarantine");
+        }
+        let mut m = self.inner.in_use.lock();
+        let stored_len = self.chunk_meta(id).ok().flatten().map(|m| m.stored_len()).unwrap_or(0);
+        if let Err(e) = self.inner.db.delete_cf_opt(self.cf(index::CF_CHUNKS), id.as_bytes(), &sync_write()) {
+            tracing::error!(%id, error = %e, "could not drop the index entry of a corrupt chunk");
+        } else {
+            self.inner.metrics.physical_bytes.sub(stored_len as i64);
+        }
+        self.inner.meta_cache.remove(id);
+        self.inner.outboards.remove(id);
+        m.remove(id);
+        drop(m);
+        self.inner.metrics.verify_failures.inc();
+        tracing::error!(%id, path = %path.display(), offset, quarantine = %q.display(), "corrupt chunk moved aside");
+        StoreError::Corrupt { id: *id, path, offset, quarantine: q }
+    }
+
+    /// Read `buf.len()` bytes of chunk `id` starting at `start`, verifying
+    /// only the 4 KiB groups read once the chunk's outboard is known.
+    pub(crate) fn read_chunk_range(&self, id: &ChunkId, start: u64, buf: &mut [u8]) -> Result<()> {
+        let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
+        let end = start + buf.len() as u64;
+        if end > u64::from(meta.raw_len) {
+            return Err(StoreError::BadEntry { what: format!("chunk {id}"), why: "shorter than its recipe says".into() });
+        }
+        let plain_segment = match &meta.loc {
+            Location::Segment { seg, offset, .. } if !meta.compressed => Some((*seg, *offset)),
+            _ => None,
+        };
+        let Some((seg_no, payload_off)) = plain_segment.filter(|_| meta.raw_len as usize > GROUP_LEN) else {
+            let data = self.read_chunk_with(id, &meta, self.inner.cfg.verify_reads)?;
+            buf.copy_from_slice(&data[start as usize..end as usize]);
+            return Ok(());
+        };
+        let Some(seg) = self.segment(seg_no) else {
+            // Moved by compaction: the slow path re-reads the index.
+            let data = self.read_chunk_with(id, &meta, self.inner.cfg.verify_reads)?;
+            buf.copy_from_slice(&data[start as usize..end as usize]);
+            return Ok(());
+        };
+        if !self.inner.cfg.verify_reads {
+            self.inner
+                .engine
+                .read_exact_at(&seg.file, payload_off + start, buf)
+                .ctx(|| format!("read chunk {id} from {}", seg.path.display()))?;
+            self.inner.metrics.chunks_read.inc();
+            self.touch(id);
+            return Ok(());
+        }
+        let ob = match self.inner.outboards.get(id) {
+            Some(ob) => ob,
+            None => {
+                let (stored, path, offset) = self.read_stored(id, &meta)?;
+                self.inner.metrics.chunks_read.inc();
+                let (got, ob) = Outboard::compute(&stored);
+                let ob = match ob {
+                    Some(ob) if got == *id => Arc::new(ob),
+                    _ => return Err(self.quarantine(id, &stored, path, offset)),
+                };
+                self.inner.outboards.insert(*id, ob.clone());
+                buf.copy_from_slice(&stored[start as usize..end as usize]);
+                self.touch(id);
+                return Ok(());
+            }
+        };
+        let (s, e) = ob.group_span(start, end);
+        let mut span = vec![0u8; (e - s) as usize];
+        self.inner
+            .engine
+            .read_exact_at(&seg.file, payload_off + s, &mut span)
+            .ctx(|| format!("read chunk {id} from {}", seg.path.display()))?;
+        self.inner.metrics.chunks_read.inc();
+        if !ob.verify_span(s, &span) {
+            // Re-read it whole so the quarantine copy holds the full chunk.
+            let (stored, path, offset) = self.read_stored(id, &meta)?;
+            return Err(self.quarantine(id, &stored, path, offset));
+        }
+        buf.copy_from_slice(&span[(start - s) as usize..(end - s) as usize]);
+        self.touch(id);
+        Ok(())
+    }
+
+    /// Look up a recipe.
+    pub fn recipe(&self, id: &ObjectId) -> Result<Arc<Recipe>> {
+        if let Some(r) = self.inner.recipes.get(id) {
+            return Ok(r);
+        }
+        let v = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(index::CF_RECIPES), id.as_bytes())?
+            .ok_or_else(|| StoreError::NoSuchObject(id.to_string()))?;
+        let r = Recipe::decode(&v).map_err(|e| StoreError::BadEntry { what: format!("recipe {id}"), why: e.to_string() })?;
+        let r = Arc::new(r);
+        self.inner.recipes.insert(*id, r.clone());
+        Ok(r)
+    }
+
+    /// What ingest recorded about an object.
+    pub fn object_info(&self, id: &ObjectId) -> Result<ObjectInfo> {
+        let v = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(index::CF_OBJECTS), id.as_bytes())?
+            .ok_or_else(|| StoreError::NoSuchObject(id.to_string()))?;
+        serde_json::from_slice(&v).map_err(|e| StoreError::BadEntry { what: format!("object {id}"), why: e.to_string() })
+    }
+
+    /// Resolve an object id (64 hex), a digest (`sha256:…`, `sha512:…`,
+    /// `blake3:…`) or a name.
+    pub fn resolve(&self, what: &str) -> Result<ObjectId> {
+        if what.len() == 64 {
+            if let Ok(id) = what.parse::<ObjectId>() {
+                if self.inner.db.get_pinned_cf(self.cf(index::CF_RECIPES), id.as_bytes())?.is_some() {
+                    return Ok(id);
+                }
+                return Err(StoreError::NoSuchObject(what.to_owned()));
+            }
+        }
+        if what.contains(':') {
+            if let Some(v) = self.inner.db.get_pinned_cf(self.cf(index::CF_DIGESTS), what.as_bytes())? {
+                if let Some(id) = ObjectId::from_slice(&v) {
+                    return Ok(id);
+                }
+            }
+        }
+        match self.inner.db.get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())? {
+            Some(v) => Ok(NameEntry::decode(what.as_bytes(), &v)?.object),
+            None => Err(StoreError::NoSuchObject(what.to_owned())),
+        }
+    }
+
+    /// Open an object for reading. While the handle lives, GC and eviction
+    /// leave its chunks alone.
+    pub fn open_object(&self, id: &ObjectId) -> Result<ObjectHandle> {
+        let recipe = self.recipe(id)?;
+        let mut guard = InUse::new(&self.inner);
+        guard.add_all(recipe.chunks().iter().map(|c| c.id));
+        Ok(ObjectHandle { store: self.clone(), id: *id, recipe, _guard: guard })
+    }
+
+    /// Set `name` to point at `object`.
+    pub fn set_name(&self, name: &str, object: &ObjectId) -> Result<()> {
+        index::validate_name(name)?;
+        self.recipe(object)?;
+        let e = NameEntry { object: *object, updated_ms: now_ms() };
+        let _c = self.inner.commit_lock.read();
+        self.inner.db.put_cf_opt(self.cf(index::CF_NAMES), name.as_bytes(), e.encode(), &sync_write())?;
+        Ok(())
+    }
+
+    /// Pin `object` under `key`: it is kept by GC and never evicted.
+    pub fn pin(&self, key: &str, object: &ObjectId) -> Result<()> {
+        index::validate_name(key).or_else(|e| if key.starts_with("obj:") { Ok(()) } else { Err(e) })?;
+        self.recipe(object)?;
+        let _c = self.inner.commit_lock.read();
+        self.inner.db.put_cf_opt(self.cf(index::CF_PINS), key.as_bytes(), object.as_bytes(), &sync_write())?;
+        Ok(())
+    }
+
+    /// Remove a name, or a pin by key, or (given an object id) the object's
+    /// default pin and every name pointing at it. Returns how many roots went.
+    /// The space comes back at the next GC.
+    pub fn remove(&self, what: &str) -> Result<usize> {
+        let _c = self.inner.commit_lock.read();
+        let db = &self.inner.db;
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        if db.get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())?.is_some() {
+            batch.delete_cf(self.cf(index::CF_NAMES), what.as_bytes());
+            n += 1;
+        }
+        if db.get_pinned_cf(self.cf(index::CF_PINS), what.as_bytes())?.is_some() {
+            batch.delete_cf(self.cf(index::CF_PINS), what.as_bytes());
+            n += 1;
+        }
+        if n == 0 {
+            if let Ok(id) = what.parse::<ObjectId>() {
+                for (name, e) in self.names()? {
+                    if e.object == id {
+                        batch.delete_cf(self.cf(index::CF_NAMES), name.as_bytes());
+                        n += 1;
+                    }
+                }
+                for (key, obj) in self.pins()? {
+                    if obj == id {
+                        batch.delete_cf(self.cf(index::CF_PINS), key.as_bytes());
+                        n += 1;
+                    }
+                }
+            }
+        }
+        if n == 0 {
+            return Err(StoreError::NoSuchObject(what.to_owned()));
+        }
+        db.write_opt(batch, &sync_write())?;
+        Ok(n)
+    }
+
+    /// All names, sorted.
+    pub fn names(&self) -> Result<Vec<(String, NameEntry)>> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.iterator_cf(self.cf(index::CF_NAMES), rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), NameEntry::decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// All pins, sorted by key.
+    pub fn pins(&self) -> Result<Vec<(String, ObjectId)>> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.iterator_cf(self.cf(index::CF_PINS), rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            let id = ObjectId::from_slice(&v).ok_or_else(|| StoreError::BadEntry {
+                what: format!("pin {}", String::from_utf8_lossy(&k)),
+                why: "wrong length".into(),
+            })?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), id));
+        }
+        Ok(out)
+    }
+
+    /// All object ids with a recipe.
+    pub fn objects(&self) -> Result<Vec<ObjectId>> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.iterator_cf(self.cf(index::CF_RECIPES), rocksdb::IteratorMode::Start) {
+            let (k, _) = kv?;
+            if let Some(id) = ObjectId::from_slice(&k) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How much of an object is present locally.
+    pub fn object_stat(&self, id: &ObjectId) -> Result<ObjectStat> {
+        let recipe = self.recipe(id)?;
+        let info = self.object_info(id).ok();
+        let mut present_chunks = 0u64;
+        let mut present_bytes = 0u64;
+        let mut stored_bytes = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        let mut unique_bytes = 0u64;
+        for c in recipe.chunks() {
+            let first = seen.insert(c.id);
+            if first {
+                unique_bytes += u64::from(c.len);
+            }
+            if let Some(m) = self.chunk_meta(&c.id)? {
+                present_chunks += 1;
+                present_bytes += u64::from(c.len);
+                if first {
+                    stored_bytes += m.stored_len();
+                }
+            }
+        }
+        let pinned = self.pins()?.iter().any(|(_, o)| o == id);
+        let names = self.names()?.into_iter().filter(|(_, e)| e.object == *id).map(|(n, _)| n).collect();
+        Ok(ObjectStat {
+            id: *id,
+            len: recipe.total_len(),
+            chunks: recipe.chunks().len() as u64,
+            unique_chunks: seen.len() as u64,
+            unique_bytes,
+            present_chunks,
+            present_bytes,
+            stored_bytes,
+            pinned,
+            names,
+            info,
+        })
+    }
+
+    /// Store-wide totals.
+    pub fn summary(&self) -> StoreSummary {
+        let m = &self.inner.metrics;
+        StoreSummary {
+            dir: self.inner.dir.clone(),
+            engine: self.engine_name(),
+            logical_bytes: m.logical_bytes.get().max(0) as u64,
+            physical_bytes: m.physical_bytes.get().max(0) as u64,
+            segment_bytes: m.segment_bytes.get().max(0) as u64,
+            segments: self.inner.segs.read().len(),
+            budget_bytes: self.inner.cfg.budget_bytes,
+        }
+    }
+}
+
+#[cold]
+fn unreachable_cf(name: &str) -> ! {
+    panic!("column family {name} was not created at open")
+}
+
+/// How much of an object is here.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ObjectStat {
+    /// The object.
+    pub id: ObjectId,
+    /// Its length.
+    pub len: u64,
+    /// Chunks in its recipe.
+    pub chunks: u64,
+    /// Distinct chunks in its recipe.
+    pub unique_chunks: u64,
+    /// Bytes of its distinct chunks.
+    pub unique_bytes: u64,
+    /// Recipe entries whose chunk is present.
+    pub present_chunks: u64,
+    /// Object bytes whose chunk is present.
+    pub present_bytes: u64,
+    /// Disk bytes of its distinct present chunks (shared with other objects).
+    pub stored_bytes: u64,
+    /// Whether a pin holds it.
+    pub pinned: bool,
+    /// Names pointing at it.
+    pub names: Vec<String>,
+    /// Digests recorded at ingest.
+    pub info: Option<ObjectInfo>,
+}
+
+impl ObjectStat {
+    /// "complete", or "partial" when chunks are missing.
+    pub fn state(&self) -> &'static str {
+        if self.present_chunks == self.chunks {
+            "complete"
+        } else {
+            "partial"
+        }
+    }
+}
+
+/// Store-wide totals.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreSummary {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// I/O engine in use.
+    pub engine: &'static str,
+    /// Bytes of all objects.
+    pub logical_bytes: u64,
+    /// Bytes of distinct chunks.
+    pub physical_bytes: u64,
+    /// Bytes of segment files.
+    pub segment_bytes: u64,
+    /// Number of segment files.
+    pub segments: usize,
+    /// Budget, if any.
+    pub budget_bytes: Option<u64>,
+}
+
+/// An open object: random access and sequential streaming.
+#[derive(Debug)]
+pub struct ObjectHandle {
+    store: Store,
+    id: ObjectId,
+    recipe: Arc<Recipe>,
+    _guard: InUse,
+}
+
+impl ObjectHandle {
+    /// The object id.
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The recipe.
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.recipe.total_len()
+    }
+
+    /// True for an empty object.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fill `buf` from `offset`, reading only the parts of chunks needed
+    /// (the NBD path). Fails with `OutOfRange` if the range passes the end.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len());
+        if end.is_none() {
+            return Err(StoreError::OutOfRange { object: self.id, offset, len: self.len() });
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let chunks = self.recipe.chunks();
+        let mut i = self.recipe.chunk_at(offset).unwrap_or(chunks.len());
+        let mut pos = offset;
+        let mut done = 0;
+        while done < buf.len() {
+            let c = &chunks[i];
+            let in_chunk = pos - c.offset;
+            let n = ((u64::from(c.len) - in_chunk) as usize).min(buf.len() - done);
+            self.store.read_chunk_range(&c.id, in_chunk, &mut buf[done..done + n])?;
+            done += n;
+            pos += n as u64;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// The object's chunks in order, each read whole and verified (the OCI
+    /// blob path).
+    pub fn chunks(&self) -> impl Iterator<Item = Result<Bytes>> + '_ {
+        let verify = self.store.inner.cfg.verify_reads;
+        self.recipe.chunks().iter().map(move |c| {
+            let meta = self.store.chunk_meta(&c.id)?.ok_or(StoreError::ChunkMissing(c.id))?;
+            self.store.read_chunk_with(&c.id, &meta, verify)
+        })
+    }
+
+    /// Stream the object on a tokio runtime: chunks are read on a blocking
+    /// thread, up to `readahead` ahead of the consumer.
+    pub fn stream(self, readahead: usize) -> tokio::sync::mpsc::Receiver<Result<Bytes>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(readahead.max(1));
+        tokio::task::spawn_blocking(move || {
+            for c in self.chunks() {
+                let stop = c.is_err();
+                if tx.blocking_send(c).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// A `std::io::Read` over the whole object.
+    pub fn reader(&self) -> ObjectReader<'_> {
+        ObjectReader { handle: self, pos: 0 }
+    }
+}
+
+/// Sequential reader over an [`ObjectHandle`].
+#[derive(Debug)]
+pub struct ObjectReader<'a> {
+    handle: &'a ObjectHandle,
+    pos: u64,
+}
+
+impl std::io::Read for ObjectReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.handle.len() - self.pos;
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.handle.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
