@@ -167,7 +167,7 @@ impl Store {
         let active_no = self.inner.active.lock().seg.no;
         let segs: Vec<_> = self.inner.segs.read().values().cloned().collect();
         for seg in segs {
-            if seg.no == active_no {
+            if seg.no == active_no || self.inner.seg_writers.lock().contains_key(&seg.no) {
                 continue;
             }
             let size = seg.len()?;

@@ -132,6 +132,38 @@ fn spawn_failed(e: std::io::Error) -> ! {
 struct Written {
     metas: Vec<(ChunkId, ChunkMeta)>,
     stored: u64,
+    _segs: SegWriters,
+}
+
+/// Marks segments as holding uncommitted chunks until dropped (after commit).
+pub(crate) struct SegWriters {
+    inner: Arc<Inner>,
+    segs: Vec<u32>,
+}
+
+impl SegWriters {
+    pub(crate) fn new(inner: &Arc<Inner>) -> Self {
+        Self { inner: inner.clone(), segs: Vec::new() }
+    }
+
+    pub(crate) fn add(&mut self, seg: u32) {
+        *self.inner.seg_writers.lock().entry(seg).or_insert(0) += 1;
+        self.segs.push(seg);
+    }
+}
+
+impl Drop for SegWriters {
+    fn drop(&mut self) {
+        let mut m = self.inner.seg_writers.lock();
+        for s in &self.segs {
+            if let Some(n) = m.get_mut(s) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(s);
+                }
+            }
+        }
+    }
 }
 
 fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle<Result<Written>> {
@@ -140,6 +172,7 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
         .spawn(move || {
             let mut metas = Vec::new();
             let mut touched: Vec<Arc<Segment>> = Vec::new();
+            let mut seg_guard = SegWriters::new(&inner);
             let mut stored = 0u64;
             let mut since_writeback = 0u64;
             let engine = inner.engine.as_ref();
@@ -161,6 +194,9 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
                     }
                     let off = active.append(engine, &header, payload)?;
                     if !touched.iter().any(|s| Arc::ptr_eq(s, &active.seg)) {
+                        // Registered under the active lock, while this is
+                        // still the active segment, so compaction sees it.
+                        seg_guard.add(active.seg.no);
                         touched.push(active.seg.clone());
                     }
                     (active.seg.no, off)
@@ -187,7 +223,7 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
             for s in &touched {
                 engine.sync_data(&s.file).ctx(|| format!("fdatasync {}", s.path.display()))?;
             }
-            Ok(Written { metas, stored })
+            Ok(Written { metas, stored, _segs: seg_guard })
         })
         .unwrap_or_else(|e| spawn_failed(e))
 }
@@ -336,6 +372,7 @@ impl Store {
 
     fn commit(&self, state: Chunking<'_>, written: Written, d: Digests, opts: &PutOptions) -> Result<PutResult> {
         let Chunking { recipe, guard, inline, new_bytes, .. } = state;
+        let seg_guard = written._segs;
         let object = recipe.object_id();
         let len = recipe.total_len();
         let db = &self.inner.db;
@@ -393,6 +430,7 @@ impl Store {
         m.update_ratio();
         self.inner.recipes.insert(object, Arc::new(recipe.clone()));
         drop(guard);
+        drop(seg_guard);
         if let Some(budget) = self.inner.cfg.budget_bytes {
             if m.physical_bytes.get() as u64 > budget {
                 self.evict_to_budget()?;

@@ -125,7 +125,8 @@ mod tests {
             let (id, ob) = Outboard::compute(&data);
             prop_assert_eq!(id, ChunkId::of(&data));
             if let Some(ob) = ob {
-                let (lo, hi) = (a.min(b) as u64 % ob.len(), (a.max(b) as u64 % ob.len()) + 1);
+                let (x, y) = (a as u64 % ob.len(), b as u64 % ob.len());
+                let (lo, hi) = (x.min(y), x.max(y) + 1);
                 let (s, e) = ob.group_span(lo, hi);
                 prop_assert!(s <= lo && e >= hi);
                 let mut span = data[s as usize..e as usize].to_vec();

@@ -102,6 +102,10 @@ pub(crate) struct Inner {
     pub(crate) outboards: Cache<ChunkId, Arc<Outboard>, OutboardWeighter>,
     pub(crate) recipes: Cache<ObjectId, Arc<Recipe>>,
     pub(crate) in_use: Mutex<HashMap<ChunkId, u32>>,
+    /// Segments holding chunks of ingests not yet committed; compaction
+    /// leaves them alone, or it would delete bytes an index entry is about
+    /// to point at.
+    pub(crate) seg_writers: Mutex<HashMap<u32, usize>>,
     pub(crate) commit_lock: RwLock<()>,
     pub(crate) gc_lock: Mutex<()>,
     pub(crate) atime: Mutex<HashMap<ChunkId, u64>>,
@@ -240,6 +244,7 @@ impl Store {
             ),
             recipes: Cache::new(4096),
             in_use: Mutex::new(HashMap::new()),
+            seg_writers: Mutex::new(HashMap::new()),
             commit_lock: RwLock::new(()),
             gc_lock: Mutex::new(()),
             atime: Mutex::new(HashMap::new()),
@@ -365,10 +370,15 @@ impl Store {
     pub(crate) fn read_chunk_with(&self, id: &ChunkId, meta: &ChunkMeta, verify: bool) -> Result<Bytes> {
         let (stored, path, offset) = match self.read_stored(id, meta) {
             Ok(x) => x,
-            // A compaction may have moved the chunk since `meta` was cached.
-            Err(StoreError::BadEntry { .. }) if self.inner.meta_cache.remove(id).is_some() => {
-                let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
-                return self.read_chunk_with(id, &meta, verify);
+            // A compaction may have moved the chunk since `meta` was cached:
+            // look once more in the index itself.
+            Err(e @ StoreError::BadEntry { .. }) => {
+                self.inner.meta_cache.remove(id);
+                let fresh = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
+                if *fresh == *meta {
+                    return Err(e);
+                }
+                return self.read_chunk_with(id, &fresh, verify);
             }
             Err(e) => return Err(e),
         };
