@@ -34,9 +34,9 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use cairn_bench::{
-    aligned_offsets, command_prefix_to_file, gbps, human_bytes, median, pass_fail, plain_write, read_fully,
-    regular_files, run_reads, time, today, write_random_file, write_results, LatencySummary, MachineFacts, MdTable,
-    GIB, KIB, MIB,
+    aligned_offsets, command_prefix_to_file, gbps, human_bytes, median, pass_fail, plain_write,
+    read_fully, regular_files, run_reads, time, today, write_random_file, write_results,
+    LatencySummary, MachineFacts, MdTable, GIB, KIB, MIB,
 };
 use cairn_chunkstore::chunker::chunk_boundaries;
 use cairn_chunkstore::{ChunkerConfig, EngineKind, PutOptions, PutResult, Store, StoreConfig};
@@ -76,7 +76,9 @@ fn usage() -> &'static str {
 fn parse_args() -> Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target");
     let tmp_default = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
@@ -94,7 +96,10 @@ fn parse_args() -> Result<Opts> {
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{}", usage()));
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value\n{}", usage()))
+        };
         match a.as_str() {
             // cargo passes --bench to harness = false targets.
             "--bench" => continue,
@@ -111,7 +116,10 @@ fn parse_args() -> Result<Opts> {
             other => bail!("unknown argument {other:?}\n{}", usage()),
         }
     }
-    o.user_args = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    o.user_args = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     ensure!(o.input_bytes >= 8 * MIB, "--input-mib must be at least 8");
     ensure!(o.reads > 0, "--reads must be positive");
     Ok(o)
@@ -122,14 +130,20 @@ fn progress(msg: impl AsRef<str>) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn store_cfg(engine: EngineKind, verify: bool) -> StoreConfig {
-    StoreConfig { engine, verify_reads: verify, ..StoreConfig::default() }
+    StoreConfig {
+        engine,
+        verify_reads: verify,
+        ..StoreConfig::default()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -146,7 +160,11 @@ struct Series {
 
 impl Series {
     fn new() -> Self {
-        Self { secs: Vec::new(), gbps: Vec::new(), median_gbps: f64::NAN }
+        Self {
+            secs: Vec::new(),
+            gbps: Vec::new(),
+            median_gbps: f64::NAN,
+        }
     }
     fn push(&mut self, bytes: u64, d: std::time::Duration) {
         self.secs.push(d.as_secs_f64());
@@ -186,8 +204,14 @@ fn ingest_input(
     let data = fs::read(input).with_context(|| format!("read {}", input.display()))?;
     let bytes = data.len() as u64;
     let want_sha = hex(&sha2::Sha256::digest(&data));
-    let (mut b3, mut s256, mut write, mut ingest, mut chunker, mut chunk_hash) =
-        (Series::new(), Series::new(), Series::new(), Series::new(), Series::new(), Series::new());
+    let (mut b3, mut s256, mut write, mut ingest, mut chunker, mut chunk_hash) = (
+        Series::new(),
+        Series::new(),
+        Series::new(),
+        Series::new(),
+        Series::new(),
+        Series::new(),
+    );
     let mut engine = String::new();
     let mut last_put = None;
     for rep in 0..opts.reps {
@@ -209,10 +233,20 @@ fn ingest_input(
         let store = Store::open(&dir, StoreConfig::default()).context("open ingest store")?;
         engine = store.engine_name().to_string();
         let t = Instant::now();
-        let put = store.put_reader(File::open(input)?, &PutOptions::default()).context("put_reader")?;
+        let put = store
+            .put_reader(File::open(input)?, &PutOptions::default())
+            .context("put_reader")?;
         let d = t.elapsed();
-        ensure!(put.len == bytes, "ingest stored {} bytes, expected {bytes}", put.len);
-        ensure!(put.sha256 == want_sha, "ingest sha256 {} != {want_sha}", put.sha256);
+        ensure!(
+            put.len == bytes,
+            "ingest stored {} bytes, expected {bytes}",
+            put.len
+        );
+        ensure!(
+            put.sha256 == want_sha,
+            "ingest sha256 {} != {want_sha}",
+            put.sha256
+        );
         drop(store);
         fs::remove_dir_all(&dir)?;
         ingest.push(bytes, d);
@@ -254,18 +288,27 @@ fn ingest_input(
 /// Returns the results and the path of the random input, kept for section B.
 fn section_ingest(opts: &Opts, work: &Path) -> Result<(Vec<IngestInput>, PathBuf)> {
     let random = work.join("input-random.bin");
-    progress(format!("writing {} of seeded random bytes", human_bytes(opts.input_bytes)));
+    progress(format!(
+        "writing {} of seeded random bytes",
+        human_bytes(opts.input_bytes)
+    ));
     write_random_file(&random, opts.input_bytes, SEED_RANDOM_INPUT)?;
     let mut out = vec![ingest_input(
         opts,
         work,
         "random",
-        format!("StdRng::seed_from_u64({SEED_RANDOM_INPUT:#x}), {} bytes", opts.input_bytes),
+        format!(
+            "StdRng::seed_from_u64({SEED_RANDOM_INPUT:#x}), {} bytes",
+            opts.input_bytes
+        ),
         &random,
     )?];
 
     let tar = work.join("input-usr-lib.tar");
-    progress(format!("capturing the first {} of `tar cf - --sort=name /usr/lib`", human_bytes(opts.input_bytes)));
+    progress(format!(
+        "capturing the first {} of `tar cf - --sort=name /usr/lib`",
+        human_bytes(opts.input_bytes)
+    ));
     let n = command_prefix_to_file(
         Command::new("tar").args(["cf", "-", "--sort=name", "/usr/lib"]),
         opts.input_bytes,
@@ -276,7 +319,10 @@ fn section_ingest(opts: &Opts, work: &Path) -> Result<(Vec<IngestInput>, PathBuf
         opts,
         work,
         "usr-lib-tar",
-        format!("first {} bytes of `tar cf - --sort=name /usr/lib`", opts.input_bytes),
+        format!(
+            "first {} bytes of `tar cf - --sort=name /usr/lib`",
+            opts.input_bytes
+        ),
         &tar,
     )?);
     fs::remove_file(&tar)?;
@@ -338,16 +384,32 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
     let uring_ok = match Store::open(&store_dir, store_cfg(EngineKind::Uring, true)) {
         Ok(_) => true,
         Err(e) => {
-            notes.push(format!("io_uring engine unavailable ({e}); uring rows skipped"));
+            notes.push(format!(
+                "io_uring engine unavailable ({e}); uring rows skipped"
+            ));
             false
         }
     };
     let configs = [
-        CairnConfig { label: "cairn uring verify", engine: EngineKind::Uring, verify: true, judged: true },
-        CairnConfig { label: "cairn psync verify", engine: EngineKind::Psync, verify: true, judged: true },
+        CairnConfig {
+            label: "cairn uring verify",
+            engine: EngineKind::Uring,
+            verify: true,
+            judged: true,
+        },
+        CairnConfig {
+            label: "cairn psync verify",
+            engine: EngineKind::Psync,
+            verify: true,
+            judged: true,
+        },
         CairnConfig {
             label: "cairn uring no-verify",
-            engine: if uring_ok { EngineKind::Uring } else { EngineKind::Psync },
+            engine: if uring_ok {
+                EngineKind::Uring
+            } else {
+                EngineKind::Psync
+            },
             verify: false,
             judged: false,
         },
@@ -380,7 +442,11 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
             let store = Store::open(&store_dir, store_cfg(c.engine, c.verify)).context(c.label)?;
             let engine = store.engine_name().to_string();
             let h = store.open_object(&object)?;
-            ensure!(h.len() == len, "stored object is {} bytes, expected {len}", h.len());
+            ensure!(
+                h.len() == len,
+                "stored object is {} bytes, expected {len}",
+                h.len()
+            );
             let read = |o: u64, b: &mut [u8]| h.read_at(o, b).map_err(anyhow::Error::from);
             let s_cold = run_reads(&cold, READ_LEN, threads, read)?;
             let s_warm = run_reads(&warm, READ_LEN, threads, read)?;
@@ -389,7 +455,11 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
             for &o in aligned_offsets(len, READ_LEN as u64, CHECK_READS, SEED_WARM ^ 1).iter() {
                 h.read_at(o, &mut a)?;
                 plain.read_exact_at(&mut b, o)?;
-                ensure!(a == b, "{}: bytes at offset {o} differ from the plain file", c.label);
+                ensure!(
+                    a == b,
+                    "{}: bytes at offset {o} differ from the plain file",
+                    c.label
+                );
             }
             for (pass, s, base) in [("cold", s_cold, base_cold), ("warm", s_warm, base_warm)] {
                 let ratio = s.iops / base.iops;
@@ -447,12 +517,23 @@ fn tar_tree(parent: &Path, name: &str, out: &Path) -> Result<()> {
     let status = Command::new("tar")
         .arg("cf")
         .arg(out)
-        .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "-C"])
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+        ])
         .arg(parent)
         .arg(name)
         .status()
         .context("run tar")?;
-    ensure!(status.success(), "tar of {} failed: {status}", parent.join(name).display());
+    ensure!(
+        status.success(),
+        "tar of {} failed: {status}",
+        parent.join(name).display()
+    );
     Ok(())
 }
 
@@ -461,7 +542,11 @@ fn section_dedup(opts: &Opts, work: &Path) -> Result<DedupResult> {
     let base = work.join("dedup");
     let tree = base.join("tree");
     fs::create_dir_all(&tree)?;
-    progress(format!("dedup: copying ~{} of files from {}", human_bytes(opts.dedup_bytes), src.display()));
+    progress(format!(
+        "dedup: copying ~{} of files from {}",
+        human_bytes(opts.dedup_bytes),
+        src.display()
+    ));
     let mut files: Vec<(PathBuf, u64)> = Vec::new();
     let mut total = 0u64;
     let mut skipped = 0;
@@ -494,9 +579,15 @@ fn section_dedup(opts: &Opts, work: &Path) -> Result<DedupResult> {
 
     let mut rng = StdRng::seed_from_u64(SEED_DEDUP);
     let candidates: Vec<usize> = (0..files.len()).filter(|&i| files[i].1 > 0).collect();
-    ensure!(!candidates.is_empty(), "no non-empty files copied from {}", src.display());
+    ensure!(
+        !candidates.is_empty(),
+        "no non-empty files copied from {}",
+        src.display()
+    );
     let k = ((files.len() as f64 * 0.05).round() as usize).clamp(1, candidates.len().max(1));
-    let mut chosen: Vec<usize> = rand::seq::index::sample(&mut rng, candidates.len(), k).into_iter().collect();
+    let mut chosen: Vec<usize> = rand::seq::index::sample(&mut rng, candidates.len(), k)
+        .into_iter()
+        .collect();
     chosen.sort_unstable();
     let (mut bytes_changed, mut changed_file_bytes) = (0u64, 0u64);
     for &ci in &chosen {
@@ -505,7 +596,10 @@ fn section_dedup(opts: &Opts, work: &Path) -> Result<DedupResult> {
         let off = rng.gen_range(0..=len - region);
         let mut buf = vec![0u8; region as usize];
         rng.fill_bytes(&mut buf);
-        File::options().write(true).open(path)?.write_all_at(&buf, off)?;
+        File::options()
+            .write(true)
+            .open(path)?
+            .write_all_at(&buf, off)?;
         bytes_changed += region;
         changed_file_bytes += len;
     }
@@ -577,7 +671,12 @@ struct Report<'a> {
 fn render(r: &Report<'_>) -> String {
     let mut s = String::new();
     let o = r.opts;
-    let _ = writeln!(s, "# Cairn chunk store benchmark — {}{}\n", r.date, if o.quick { " (quick)" } else { "" });
+    let _ = writeln!(
+        s,
+        "# Cairn chunk store benchmark — {}{}\n",
+        r.date,
+        if o.quick { " (quick)" } else { "" }
+    );
     let _ = writeln!(s, "Command: `{}`  ", r.command);
     let _ = writeln!(s, "Binary argv: `{}`  ", r.argv.join(" "));
     let _ = writeln!(s, "Total run time: {:.0} s\n", r.total_secs);
@@ -590,7 +689,10 @@ fn render(r: &Report<'_>) -> String {
         .row(&["CPU flags", &m.cpu_flags.join(", ")])
         .row(&["kernel", &m.kernel])
         .row(&["memory", &human_bytes(m.mem_bytes)])
-        .row(&["work dir filesystem", &format!("{} (under {})", m.work_fs, o.tmp_root.display())])
+        .row(&[
+            "work dir filesystem",
+            &format!("{} (under {})", m.work_fs, o.tmp_root.display()),
+        ])
         .row(&["store engines used", &r.engines.join(", ")]);
     s.push_str(&t.render());
     let _ = writeln!(
@@ -620,7 +722,10 @@ fn render(r: &Report<'_>) -> String {
     }
     s.push_str(&t.render());
 
-    let _ = writeln!(s, "\n## A. Ingest (GB/s = 10^9 B/s; median **bold**, then each repetition)\n");
+    let _ = writeln!(
+        s,
+        "\n## A. Ingest (GB/s = 10^9 B/s; median **bold**, then each repetition)\n"
+    );
     let mut t = MdTable::new(&[
         "input",
         "bytes",
@@ -670,7 +775,10 @@ fn render(r: &Report<'_>) -> String {
             i.name.to_string(),
             series_cell(&i.chunker),
             series_cell(&i.chunk_hash),
-            format!("{:.2}", serial(i.chunker.median_gbps, i.chunk_hash.median_gbps)),
+            format!(
+                "{:.2}",
+                serial(i.chunker.median_gbps, i.chunk_hash.median_gbps)
+            ),
             format!("{:.2}", serial(i.sha256.median_gbps, i.blake3.median_gbps)),
             i.put.chunks.to_string(),
             i.put.new_bytes.to_string(),
@@ -696,7 +804,17 @@ fn render(r: &Report<'_>) -> String {
          Latency per call via `Instant`; IOPS = reads / wall time.\n"
     );
     let mut t = MdTable::new(&[
-        "config", "engine", "threads", "pass", "IOPS", "p50 µs", "p99 µs", "mean µs", "max µs", "vs pread", "target ≥ 0.5",
+        "config",
+        "engine",
+        "threads",
+        "pass",
+        "IOPS",
+        "p50 µs",
+        "p99 µs",
+        "mean µs",
+        "max µs",
+        "vs pread",
+        "target ≥ 0.5",
     ]);
     for row in &rd.rows {
         let x = &row.summary;
@@ -711,7 +829,8 @@ fn render(r: &Report<'_>) -> String {
             format!("{:.1}", x.mean_ns / 1e3),
             us(x.max_ns),
             row.ratio_vs_pread.map_or("—".into(), |v| format!("{v:.2}")),
-            row.meets_target.map_or("(context)".into(), |ok| pass_fail(ok).to_string()),
+            row.meets_target
+                .map_or("(context)".into(), |ok| pass_fail(ok).to_string()),
         ]);
     }
     s.push_str(&t.render());
@@ -720,7 +839,10 @@ fn render(r: &Report<'_>) -> String {
     }
 
     let d = &r.dedup;
-    let _ = writeln!(s, "\n## C. Dedup (v1 tar, then v2 = 5% of files modified)\n");
+    let _ = writeln!(
+        s,
+        "\n## C. Dedup (v1 tar, then v2 = 5% of files modified)\n"
+    );
     let _ = writeln!(
         s,
         "Tree: {} files, {} ({}); {} unreadable files skipped. Tarred with `tar cf --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner`. \
@@ -736,7 +858,10 @@ fn render(r: &Report<'_>) -> String {
     for (name, v) in [
         ("v1 tar size", d.v1_bytes),
         ("v2 tar size", d.v2_bytes),
-        ("bytes actually changed (sum of modified regions)", d.bytes_changed),
+        (
+            "bytes actually changed (sum of modified regions)",
+            d.bytes_changed,
+        ),
         ("sizes of the changed files", d.changed_file_bytes),
         ("v1 put: new_bytes", d.v1_put.new_bytes),
         ("v2 put: new_bytes", d.v2_put.new_bytes),
@@ -747,15 +872,27 @@ fn render(r: &Report<'_>) -> String {
     }
     s.push_str(&t.render());
     let mut t = MdTable::new(&["ratio", "value"]);
-    t.row(&["v2 new_bytes / bytes actually changed", &format!("{:.2}", d.new_over_changed)])
-        .row(&["v2 new_bytes / changed-file bytes", &format!("{:.3}", d.new_over_changed_files)])
-        .row(&["v2 new_bytes / v2 size", &format!("{:.4}", d.new_over_v2)])
-        .row(&["v2 stored_bytes / v2 size", &format!("{:.4}", d.stored_over_v2)])
-        .row(&["v2 chunks (new / total)", &format!("{} / {}", d.v2_put.new_chunks, d.v2_put.chunks)])
-        .row(&[
-            "put time v1 / v2 (s, fresh store then same store)",
-            &format!("{:.2} / {:.2}", d.v1_put_secs, d.v2_put_secs),
-        ]);
+    t.row(&[
+        "v2 new_bytes / bytes actually changed",
+        &format!("{:.2}", d.new_over_changed),
+    ])
+    .row(&[
+        "v2 new_bytes / changed-file bytes",
+        &format!("{:.3}", d.new_over_changed_files),
+    ])
+    .row(&["v2 new_bytes / v2 size", &format!("{:.4}", d.new_over_v2)])
+    .row(&[
+        "v2 stored_bytes / v2 size",
+        &format!("{:.4}", d.stored_over_v2),
+    ])
+    .row(&[
+        "v2 chunks (new / total)",
+        &format!("{} / {}", d.v2_put.new_chunks, d.v2_put.chunks),
+    ])
+    .row(&[
+        "put time v1 / v2 (s, fresh store then same store)",
+        &format!("{:.2} / {:.2}", d.v1_put_secs, d.v2_put_secs),
+    ]);
     let _ = writeln!(s);
     s.push_str(&t.render());
     let _ = writeln!(s, "\nNo target is set for dedup; the ideal is new_bytes ≈ bytes actually changed (ratio 1), bounded below by chunk granularity (64 KiB average chunks).");
@@ -767,7 +904,11 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let command = format!(
         "cargo bench -p cairn-bench --bench store{}",
-        if opts.user_args.is_empty() { String::new() } else { format!(" -- {}", opts.user_args.join(" ")) }
+        if opts.user_args.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", opts.user_args.join(" "))
+        }
     );
     fs::create_dir_all(&opts.tmp_root)?;
     let work = tempfile::Builder::new()
@@ -785,10 +926,17 @@ fn main() -> Result<()> {
     fs::remove_file(&random_input)?;
     let dedup = section_dedup(&opts, work.path())?;
 
-    let mut engines: Vec<String> = ingest.iter().map(|i| format!("ingest: {}", i.engine)).collect();
+    let mut engines: Vec<String> = ingest
+        .iter()
+        .map(|i| format!("ingest: {}", i.engine))
+        .collect();
     engines.dedup();
-    let mut read_engines: Vec<String> =
-        reads.rows.iter().filter(|r| r.verify_reads.is_some()).map(|r| r.engine.clone()).collect();
+    let mut read_engines: Vec<String> = reads
+        .rows
+        .iter()
+        .filter(|r| r.verify_reads.is_some())
+        .map(|r| r.engine.clone())
+        .collect();
     read_engines.dedup();
     read_engines.sort();
     read_engines.dedup();
@@ -831,7 +979,11 @@ fn main() -> Result<()> {
     work.close().context("remove the work dir")?;
 
     print!("{md}");
-    let stem = format!("store-{}{}", report.date, if opts.quick { "-quick" } else { "" });
+    let stem = format!(
+        "store-{}{}",
+        report.date,
+        if opts.quick { "-quick" } else { "" }
+    );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     let (m, j) = write_results(&dir, &stem, &md, &json)?;
     progress(format!("wrote {} and {}", m.display(), j.display()));

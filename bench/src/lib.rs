@@ -68,9 +68,16 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> io::Result<()> {
 /// Returns the number of bytes written (less than `limit` if the command
 /// produced less).
 pub fn command_prefix_to_file(cmd: &mut Command, limit: u64, path: &Path) -> io::Result<u64> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn()?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()?;
     let result = (|| {
-        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("child has no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("child has no stdout"))?;
         let mut out = io::BufWriter::with_capacity(WRITE_BLOCK, File::create(path)?);
         let n = io::copy(&mut stdout.take(limit), &mut out)?;
         out.flush()?;
@@ -90,9 +97,13 @@ pub fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
-            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(e.path());
             } else if meta.is_file() {
@@ -195,10 +206,18 @@ impl LatencySummary {
             ops,
             threads,
             wall_secs,
-            iops: if wall_secs > 0.0 { ops as f64 / wall_secs } else { f64::INFINITY },
+            iops: if wall_secs > 0.0 {
+                ops as f64 / wall_secs
+            } else {
+                f64::INFINITY
+            },
             p50_ns: percentile(lat, 50.0),
             p99_ns: percentile(lat, 99.0),
-            mean_ns: if ops == 0 { 0.0 } else { sum as f64 / ops as f64 },
+            mean_ns: if ops == 0 {
+                0.0
+            } else {
+                sum as f64 / ops as f64
+            },
             max_ns: lat.last().copied().unwrap_or(0),
         }
     }
@@ -209,7 +228,12 @@ impl LatencySummary {
 /// `read_len`-byte buffer), timing every call. All threads start together
 /// behind a barrier; the wall time runs from the earliest start to the latest
 /// end. The first error stops the run.
-pub fn run_reads<F>(offsets: &[u64], read_len: usize, threads: usize, read: F) -> anyhow::Result<LatencySummary>
+pub fn run_reads<F>(
+    offsets: &[u64],
+    read_len: usize,
+    threads: usize,
+    read: F,
+) -> anyhow::Result<LatencySummary>
 where
     F: Fn(u64, &mut [u8]) -> anyhow::Result<()> + Sync,
 {
@@ -241,7 +265,10 @@ where
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("read thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("read thread panicked")))
+            })
             .collect()
     });
     let mut all = Vec::with_capacity(offsets.len());
@@ -319,7 +346,10 @@ impl MachineFacts {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
             .map_or_else(|| "unknown".to_string(), |(_, v)| v.trim().to_string());
-        let flags_line = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+        let flags_line = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
         let cpu_flags = ["sha_ni", "avx2", "avx512f"]
             .iter()
             .filter(|f| flags_line.split_whitespace().any(|x| x == **f))
@@ -336,10 +366,13 @@ impl MachineFacts {
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu_model,
             cpu_flags,
-            kernel: command_line_output(Command::new("uname").arg("-r")).unwrap_or_else(|| "unknown".into()),
-            mem_bytes,
-            work_fs: command_line_output(Command::new("stat").args(["-f", "-c", "%T"]).arg(work_dir))
+            kernel: command_line_output(Command::new("uname").arg("-r"))
                 .unwrap_or_else(|| "unknown".into()),
+            mem_bytes,
+            work_fs: command_line_output(
+                Command::new("stat").args(["-f", "-c", "%T"]).arg(work_dir),
+            )
+            .unwrap_or_else(|| "unknown".into()),
         }
     }
 }
@@ -350,17 +383,24 @@ pub fn command_line_output(cmd: &mut Command) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    String::from_utf8_lossy(&out.stdout).lines().next().map(|l| l.trim().to_string())
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
 }
 
 /// Today's date as `YYYY-MM-DD`: `date +%F` (local time), or the UTC date
 /// computed from the system clock if that fails.
 pub fn today() -> String {
-    command_line_output(Command::new("date").arg("+%F")).filter(|s| s.len() == 10).unwrap_or_else(|| {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-        format!("{y:04}-{m:02}-{d:02}")
-    })
+    command_line_output(Command::new("date").arg("+%F"))
+        .filter(|s| s.len() == 10)
+        .unwrap_or_else(|| {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+            format!("{y:04}-{m:02}-{d:02}")
+        })
 }
 
 /// Gregorian (year, month, day) of a count of days since 1970-01-01
@@ -388,7 +428,10 @@ pub struct MdTable {
 impl MdTable {
     /// A table with these column headers.
     pub fn new<S: ToString>(header: &[S]) -> Self {
-        Self { header: header.iter().map(ToString::to_string).collect(), rows: Vec::new() }
+        Self {
+            header: header.iter().map(ToString::to_string).collect(),
+            rows: Vec::new(),
+        }
     }
 
     /// Append a row (missing cells are left empty, extra cells dropped).
@@ -436,7 +479,12 @@ pub fn human_bytes(b: u64) -> String {
 
 /// Write `<dir>/<stem>.md` and `<dir>/<stem>.json` (pretty-printed),
 /// creating `dir`. Returns both paths.
-pub fn write_results(dir: &Path, stem: &str, markdown: &str, json: &serde_json::Value) -> io::Result<(PathBuf, PathBuf)> {
+pub fn write_results(
+    dir: &Path,
+    stem: &str,
+    markdown: &str,
+    json: &serde_json::Value,
+) -> io::Result<(PathBuf, PathBuf)> {
     fs::create_dir_all(dir)?;
     let md = dir.join(format!("{stem}.md"));
     let js = dir.join(format!("{stem}.json"));
@@ -543,6 +591,9 @@ mod tests {
     fn table_renders() {
         let mut t = MdTable::new(&["a", "b"]);
         t.row(&["1", "2"]).row(&["3"]);
-        assert_eq!(t.render(), "| a | b |\n| --- | --- |\n| 1 | 2 |\n| 3 |  |\n");
+        assert_eq!(
+            t.render(),
+            "| a | b |\n| --- | --- |\n| 1 | 2 |\n| 3 |  |\n"
+        );
     }
 }

@@ -36,7 +36,11 @@ pub enum ChunkerConfig {
 impl Default for ChunkerConfig {
     /// 16/64/256 KiB content-defined chunks (DESIGN.md).
     fn default() -> Self {
-        Self::Cdc { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }
+        Self::Cdc {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        }
     }
 }
 
@@ -114,12 +118,20 @@ impl Chunker {
             ChunkerConfig::Cdc { avg, .. } => {
                 // Normalization level 1, as `fastcdc::v2020::FastCDC::new`.
                 let bits = v2020::logarithm2(avg);
-                Masks { s: v2020::MASKS[(bits + 1) as usize], l: v2020::MASKS[(bits - 1) as usize] }
+                Masks {
+                    s: v2020::MASKS[(bits + 1) as usize],
+                    l: v2020::MASKS[(bits - 1) as usize],
+                }
             }
             ChunkerConfig::Fixed { .. } => Masks { s: 0, l: 0 },
         };
         let cap = cfg.max_len() as usize * 2;
-        Ok(Self { cfg, masks, buf: BytesMut::with_capacity(cap), eof: false })
+        Ok(Self {
+            cfg,
+            masks,
+            buf: BytesMut::with_capacity(cap),
+            eof: false,
+        })
     }
 
     /// The configuration in use.
@@ -177,7 +189,10 @@ impl Chunker {
 }
 
 /// Chunk boundaries of a whole in-memory buffer: `(offset, len)` pairs.
-pub fn chunk_boundaries(cfg: ChunkerConfig, data: &[u8]) -> Result<Vec<(usize, usize)>, ChunkerConfigError> {
+pub fn chunk_boundaries(
+    cfg: ChunkerConfig,
+    data: &[u8],
+) -> Result<Vec<(usize, usize)>, ChunkerConfigError> {
     let mut c = Chunker::new(cfg)?;
     let mut out = Vec::new();
     let mut off = 0;
@@ -210,7 +225,11 @@ mod tests {
     }
 
     fn small_cdc() -> ChunkerConfig {
-        ChunkerConfig::Cdc { min: 1024, avg: 4096, max: 16384 }
+        ChunkerConfig::Cdc {
+            min: 1024,
+            avg: 4096,
+            max: 16384,
+        }
     }
 
     #[test]
@@ -236,19 +255,42 @@ mod tests {
         assert_eq!(b.len(), 4);
         assert!(b.iter().all(|x| x.1 == 256 << 10));
         let b = chunk_boundaries(ChunkerConfig::Fixed { size: 65536 }, &data[..200_000]).unwrap();
-        assert_eq!(b.iter().map(|x| x.1).collect::<Vec<_>>(), vec![65536, 65536, 65536, 3392]);
+        assert_eq!(
+            b.iter().map(|x| x.1).collect::<Vec<_>>(),
+            vec![65536, 65536, 65536, 3392]
+        );
     }
 
     #[test]
     fn empty_input_has_no_chunks() {
-        assert!(chunk_boundaries(ChunkerConfig::default(), &[]).unwrap().is_empty());
+        assert!(chunk_boundaries(ChunkerConfig::default(), &[])
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn bad_configs_are_refused() {
-        assert!(ChunkerConfig::Cdc { min: 10, avg: 20, max: 30 }.validate().is_err());
-        assert!(ChunkerConfig::Cdc { min: 4096, avg: 1024, max: 65536 }.validate().is_err());
-        assert!(ChunkerConfig::Cdc { min: 4096, avg: 8192, max: 64 << 20 }.validate().is_err());
+        assert!(ChunkerConfig::Cdc {
+            min: 10,
+            avg: 20,
+            max: 30
+        }
+        .validate()
+        .is_err());
+        assert!(ChunkerConfig::Cdc {
+            min: 4096,
+            avg: 1024,
+            max: 65536
+        }
+        .validate()
+        .is_err());
+        assert!(ChunkerConfig::Cdc {
+            min: 4096,
+            avg: 8192,
+            max: 64 << 20
+        }
+        .validate()
+        .is_err());
         assert!(ChunkerConfig::Fixed { size: 0 }.validate().is_err());
         assert!(Chunker::new(ChunkerConfig::Fixed { size: 0 }).is_err());
     }

@@ -38,7 +38,9 @@ impl std::str::FromStr for EngineKind {
             "auto" => Ok(Self::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
             "psync" | "pread" => Ok(Self::Psync),
-            other => Err(format!("unknown I/O engine {other:?} (expected auto, uring or psync)")),
+            other => Err(format!(
+                "unknown I/O engine {other:?} (expected auto, uring or psync)"
+            )),
         }
     }
 }

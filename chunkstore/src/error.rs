@@ -74,6 +74,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| StoreError::Io { what: what(), source })
+        self.map_err(|source| StoreError::Io {
+            what: what(),
+            source,
+        })
     }
 }

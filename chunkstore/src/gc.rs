@@ -62,7 +62,10 @@ pub struct FsckReport {
 impl FsckReport {
     /// No corruption, no bad entries, nothing missing, nothing dangling.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.bad_entries.is_empty() && self.missing.is_empty() && self.dangling.is_empty()
+        self.corrupt.is_empty()
+            && self.bad_entries.is_empty()
+            && self.missing.is_empty()
+            && self.dangling.is_empty()
     }
 }
 
@@ -104,7 +107,8 @@ impl Store {
         {
             let _c = self.inner.commit_lock.write();
             let (pinned, named) = self.roots()?;
-            let live_objects: HashSet<ObjectId> = pinned.iter().chain(named.iter()).copied().collect();
+            let live_objects: HashSet<ObjectId> =
+                pinned.iter().chain(named.iter()).copied().collect();
             let mut live = HashSet::new();
             self.chunks_of(&pinned, &mut live)?;
             self.chunks_of(&named, &mut live)?;
@@ -115,8 +119,14 @@ impl Store {
                     batch.delete_cf(self.cf(index::CF_RECIPES), id.as_bytes());
                     batch.delete_cf(self.cf(index::CF_OBJECTS), id.as_bytes());
                     if let Ok(info) = self.object_info(&id) {
-                        batch.delete_cf(self.cf(index::CF_DIGESTS), format!("sha256:{}", info.sha256));
-                        batch.delete_cf(self.cf(index::CF_DIGESTS), format!("blake3:{}", info.blake3));
+                        batch.delete_cf(
+                            self.cf(index::CF_DIGESTS),
+                            format!("sha256:{}", info.sha256),
+                        );
+                        batch.delete_cf(
+                            self.cf(index::CF_DIGESTS),
+                            format!("blake3:{}", info.blake3),
+                        );
                         if let Some(s) = info.sha512 {
                             batch.delete_cf(self.cf(index::CF_DIGESTS), format!("sha512:{s}"));
                         }
@@ -127,7 +137,11 @@ impl Store {
             }
             let in_use = self.inner.in_use.lock();
             let mut dead = Vec::new();
-            for kv in self.inner.db.iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start) {
+            for kv in self
+                .inner
+                .db
+                .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
+            {
                 let (k, v) = kv?;
                 let Some(id) = ChunkId::from_slice(&k) else {
                     batch.delete_cf(self.cf(index::CF_CHUNKS), &k);
@@ -135,8 +149,16 @@ impl Store {
                 };
                 let meta = ChunkMeta::decode(&id, &v);
                 if live.contains(&id) || in_use.contains_key(&id) {
-                    if let Ok(ChunkMeta { loc: Location::Segment { seg, stored_len, .. }, .. }) = meta {
-                        *live_per_seg.entry(seg).or_default() += u64::from(stored_len) + segment::HEADER_LEN as u64;
+                    if let Ok(ChunkMeta {
+                        loc:
+                            Location::Segment {
+                                seg, stored_len, ..
+                            },
+                        ..
+                    }) = meta
+                    {
+                        *live_per_seg.entry(seg).or_default() +=
+                            u64::from(stored_len) + segment::HEADER_LEN as u64;
                     }
                     continue;
                 }
@@ -156,8 +178,14 @@ impl Store {
         self.compact(&live_per_seg, &mut report)?;
         self.recount()?;
         self.inner.metrics.gc_runs.inc();
-        self.inner.metrics.gc_chunks_reclaimed.inc_by(report.chunks_removed);
-        self.inner.metrics.gc_bytes_reclaimed.inc_by(report.bytes_reclaimed);
+        self.inner
+            .metrics
+            .gc_chunks_reclaimed
+            .inc_by(report.chunks_removed);
+        self.inner
+            .metrics
+            .gc_bytes_reclaimed
+            .inc_by(report.bytes_reclaimed);
         tracing::info!(?report, "gc done");
         Ok(report)
     }
@@ -178,18 +206,30 @@ impl Store {
             // Move every chunk whose entry points into this segment.
             let mut moved: Vec<(ChunkId, ChunkMeta)> = Vec::new();
             let mut touched = Vec::new();
-            for kv in self.inner.db.iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start) {
+            for kv in self
+                .inner
+                .db
+                .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
+            {
                 let (k, v) = kv?;
-                let Some(id) = ChunkId::from_slice(&k) else { continue };
-                let Ok(meta) = ChunkMeta::decode(&id, &v) else { continue };
-                let Location::Segment { seg: s, .. } = meta.loc else { continue };
+                let Some(id) = ChunkId::from_slice(&k) else {
+                    continue;
+                };
+                let Ok(meta) = ChunkMeta::decode(&id, &v) else {
+                    continue;
+                };
+                let Location::Segment { seg: s, .. } = meta.loc else {
+                    continue;
+                };
                 if s != seg.no {
                     continue;
                 }
                 // Verify while moving: never copy corruption forward.
                 let (stored, path, offset) = self.read_stored(&id, &meta)?;
                 let ok = if meta.compressed {
-                    zstd::bulk::decompress(&stored, meta.raw_len as usize).map(|d| ChunkId::of(&d) == id).unwrap_or(false)
+                    zstd::bulk::decompress(&stored, meta.raw_len as usize)
+                        .map(|d| ChunkId::of(&d) == id)
+                        .unwrap_or(false)
                 } else {
                     ChunkId::of(&stored) == id
                 };
@@ -197,20 +237,48 @@ impl Store {
                     let _ = self.quarantine(&id, &stored, path, offset);
                     continue;
                 }
-                let header = segment::encode_header(&id, if meta.compressed { segment::FLAG_ZSTD } else { 0 }, meta.raw_len, stored.len() as u32);
+                let header = segment::encode_header(
+                    &id,
+                    if meta.compressed {
+                        segment::FLAG_ZSTD
+                    } else {
+                        0
+                    },
+                    meta.raw_len,
+                    stored.len() as u32,
+                );
                 let mut active = self.inner.active.lock();
-                if active.len + (segment::HEADER_LEN + stored.len()) as u64 > self.inner.cfg.segment_bytes && active.len > 0 {
+                if active.len + (segment::HEADER_LEN + stored.len()) as u64
+                    > self.inner.cfg.segment_bytes
+                    && active.len > 0
+                {
                     crate::ingest::roll(&self.inner, &mut active)?;
                 }
                 let off = active.append(self.inner.engine.as_ref(), &header, &stored)?;
-                if !touched.iter().any(|t: &Arc<segment::Segment>| Arc::ptr_eq(t, &active.seg)) {
+                if !touched
+                    .iter()
+                    .any(|t: &Arc<segment::Segment>| Arc::ptr_eq(t, &active.seg))
+                {
                     touched.push(active.seg.clone());
                 }
-                moved.push((id, ChunkMeta { loc: Location::Segment { seg: active.seg.no, offset: off, stored_len: stored.len() as u32 }, ..meta }));
+                moved.push((
+                    id,
+                    ChunkMeta {
+                        loc: Location::Segment {
+                            seg: active.seg.no,
+                            offset: off,
+                            stored_len: stored.len() as u32,
+                        },
+                        ..meta
+                    },
+                ));
             }
             self.inner.active.lock().flush(self.inner.engine.as_ref())?;
             for t in &touched {
-                self.inner.engine.sync_data(&t.file).ctx(|| format!("fdatasync {}", t.path.display()))?;
+                self.inner
+                    .engine
+                    .sync_data(&t.file)
+                    .ctx(|| format!("fdatasync {}", t.path.display()))?;
             }
             let mut batch = WriteBatch::default();
             for (id, m) in &moved {
@@ -223,8 +291,14 @@ impl Store {
             self.inner.segs.write().remove(&seg.no);
             std::fs::remove_file(&seg.path).ctx(|| format!("remove {}", seg.path.display()))?;
             segment::sync_dir(&self.inner.seg_dir)?;
-            let moved_bytes: u64 = moved.iter().map(|(_, m)| m.stored_len() + segment::HEADER_LEN as u64).sum();
-            self.inner.metrics.segment_bytes.sub(size as i64 - moved_bytes as i64);
+            let moved_bytes: u64 = moved
+                .iter()
+                .map(|(_, m)| m.stored_len() + segment::HEADER_LEN as u64)
+                .sum();
+            self.inner
+                .metrics
+                .segment_bytes
+                .sub(size as i64 - moved_bytes as i64);
             report.segments_compacted += 1;
             report.chunks_moved += moved.len() as u64;
             report.bytes_reclaimed += size.saturating_sub(moved_bytes);
@@ -236,7 +310,9 @@ impl Store {
     /// bytes are at 90% of the budget, then compact. Evicted chunks read as
     /// missing; their objects stay listed as partial.
     pub fn evict_to_budget(&self) -> Result<u64> {
-        let Some(budget) = self.inner.cfg.budget_bytes else { return Ok(0) };
+        let Some(budget) = self.inner.cfg.budget_bytes else {
+            return Ok(0);
+        };
         let _g = self.inner.gc_lock.lock();
         let target = budget / 10 * 9;
         let (pinned, _) = self.roots()?;
@@ -245,12 +321,24 @@ impl Store {
         let atime = self.inner.atime.lock().clone();
         let mut candidates = Vec::new();
         let mut live_per_seg: HashMap<u32, u64> = HashMap::new();
-        for kv in self.inner.db.iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start) {
+        for kv in self
+            .inner
+            .db
+            .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
+        {
             let (k, v) = kv?;
-            let Some(id) = ChunkId::from_slice(&k) else { continue };
-            let Ok(meta) = ChunkMeta::decode(&id, &v) else { continue };
-            if let Location::Segment { seg, stored_len, .. } = meta.loc {
-                *live_per_seg.entry(seg).or_default() += u64::from(stored_len) + segment::HEADER_LEN as u64;
+            let Some(id) = ChunkId::from_slice(&k) else {
+                continue;
+            };
+            let Ok(meta) = ChunkMeta::decode(&id, &v) else {
+                continue;
+            };
+            if let Location::Segment {
+                seg, stored_len, ..
+            } = meta.loc
+            {
+                *live_per_seg.entry(seg).or_default() +=
+                    u64::from(stored_len) + segment::HEADER_LEN as u64;
             }
             if !keep.contains(&id) {
                 candidates.push((atime.get(&id).copied().unwrap_or(0), id, meta));
@@ -273,7 +361,10 @@ impl Store {
                 batch.delete_cf(self.cf(index::CF_CHUNKS), id.as_bytes());
                 physical = physical.saturating_sub(meta.stored_len());
                 evicted += meta.stored_len();
-                if let Location::Segment { seg, stored_len, .. } = meta.loc {
+                if let Location::Segment {
+                    seg, stored_len, ..
+                } = meta.loc
+                {
                     if let Some(l) = live_per_seg.get_mut(&seg) {
                         *l = l.saturating_sub(u64::from(stored_len) + segment::HEADER_LEN as u64);
                     }
@@ -295,11 +386,19 @@ impl Store {
             }
         }
         if physical > target {
-            tracing::warn!(physical, budget, "byte budget exceeded by pinned or in-use chunks");
+            tracing::warn!(
+                physical,
+                budget,
+                "byte budget exceeded by pinned or in-use chunks"
+            );
         }
         let mut report = GcReport::default();
         self.compact(&live_per_seg, &mut report)?;
-        tracing::info!(evicted, reclaimed = report.bytes_reclaimed, "evicted to budget");
+        tracing::info!(
+            evicted,
+            reclaimed = report.bytes_reclaimed,
+            "evicted to budget"
+        );
         Ok(evicted)
     }
 
@@ -316,7 +415,8 @@ impl Store {
             .collect::<std::result::Result<_, _>>()?;
         for (k, v) in entries {
             let Some(id) = ChunkId::from_slice(&k) else {
-                r.bad_entries.push(format!("chunk key of {} bytes", k.len()));
+                r.bad_entries
+                    .push(format!("chunk key of {} bytes", k.len()));
                 continue;
             };
             let meta = match ChunkMeta::decode(&id, &v) {
@@ -326,8 +426,12 @@ impl Store {
                     continue;
                 }
             };
-            if let Location::Segment { seg, stored_len, .. } = meta.loc {
-                *live_per_seg.entry(seg).or_default() += u64::from(stored_len) + segment::HEADER_LEN as u64;
+            if let Location::Segment {
+                seg, stored_len, ..
+            } = meta.loc
+            {
+                *live_per_seg.entry(seg).or_default() +=
+                    u64::from(stored_len) + segment::HEADER_LEN as u64;
             }
             match self.read_chunk_with(&id, &meta, true) {
                 Ok(d) => {
@@ -336,11 +440,17 @@ impl Store {
                     progress(d.len() as u64);
                 }
                 Err(e @ StoreError::Corrupt { .. }) => r.corrupt.push(e.to_string()),
-                Err(e @ (StoreError::BadEntry { .. } | StoreError::Io { .. })) => r.bad_entries.push(e.to_string()),
+                Err(e @ (StoreError::BadEntry { .. } | StoreError::Io { .. })) => {
+                    r.bad_entries.push(e.to_string())
+                }
                 Err(e) => return Err(e),
             }
         }
-        for kv in self.inner.db.iterator_cf(self.cf(index::CF_RECIPES), IteratorMode::Start) {
+        for kv in self
+            .inner
+            .db
+            .iterator_cf(self.cf(index::CF_RECIPES), IteratorMode::Start)
+        {
             let (k, v) = kv?;
             let Some(oid) = ObjectId::from_slice(&k) else {
                 r.bad_entries.push("recipe key of wrong length".into());
@@ -354,7 +464,8 @@ impl Store {
                 }
             };
             if recipe.object_id() != oid {
-                r.bad_entries.push(format!("recipe {oid} hashes to {}", recipe.object_id()));
+                r.bad_entries
+                    .push(format!("recipe {oid} hashes to {}", recipe.object_id()));
             }
             r.objects_checked += 1;
             let mut seen = HashSet::new();
@@ -377,7 +488,9 @@ impl Store {
         let active = self.inner.active.lock().seg.no;
         for s in self.inner.segs.read().values() {
             if s.no != active {
-                r.garbage_bytes += s.len()?.saturating_sub(live_per_seg.get(&s.no).copied().unwrap_or(0));
+                r.garbage_bytes += s
+                    .len()?
+                    .saturating_sub(live_per_seg.get(&s.no).copied().unwrap_or(0));
             }
         }
         let _ = NameEntry::decode; // names are decoded by `names()` above
@@ -386,7 +499,11 @@ impl Store {
 
     /// Read a whole object, verifying every chunk, and compare its sha256
     /// with the one recorded at ingest.
-    pub fn verify_object(&self, id: &ObjectId, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
+    pub fn verify_object(
+        &self,
+        id: &ObjectId,
+        mut progress: impl FnMut(u64),
+    ) -> Result<VerifyReport> {
         use sha2::Digest;
         let h = self.open_object(id)?;
         let info = self.object_info(id)?;
@@ -398,6 +515,10 @@ impl Store {
             bytes += c.len() as u64;
             progress(c.len() as u64);
         }
-        Ok(VerifyReport { object: *id, bytes, sha256_ok: hex::encode(sha.finalize()) == info.sha256 && bytes == info.len })
+        Ok(VerifyReport {
+            object: *id,
+            bytes,
+            sha256_ok: hex::encode(sha.finalize()) == info.sha256 && bytes == info.len,
+        })
     }
 }

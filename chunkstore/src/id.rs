@@ -137,6 +137,9 @@ mod tests {
         assert_eq!(s.parse::<ChunkId>(), Ok(id));
         assert_eq!(id.fmt_short(), &s[..10]);
         assert_eq!("abc".parse::<ChunkId>(), Err(ParseIdError::Length(3)));
-        assert!(matches!("z".repeat(64).parse::<ChunkId>(), Err(ParseIdError::NotHex(_))));
+        assert!(matches!(
+            "z".repeat(64).parse::<ChunkId>(),
+            Err(ParseIdError::NotHex(_))
+        ));
     }
 }

@@ -21,7 +21,9 @@ pub(crate) const CF_OBJECTS: &str = "objects";
 pub(crate) const CF_DIGESTS: &str = "digests";
 pub(crate) const CF_NAMES: &str = "names";
 pub(crate) const CF_PINS: &str = "pins";
-pub(crate) const ALL_CFS: [&str; 6] = [CF_CHUNKS, CF_RECIPES, CF_OBJECTS, CF_DIGESTS, CF_NAMES, CF_PINS];
+pub(crate) const ALL_CFS: [&str; 6] = [
+    CF_CHUNKS, CF_RECIPES, CF_OBJECTS, CF_DIGESTS, CF_NAMES, CF_PINS,
+];
 
 /// Longest name or pin key.
 pub const MAX_NAME_LEN: usize = 512;
@@ -79,7 +81,11 @@ impl ChunkMeta {
                 v.extend_from_slice(&self.raw_len.to_le_bytes());
                 v.extend_from_slice(b);
             }
-            Location::Segment { seg, offset, stored_len } => {
+            Location::Segment {
+                seg,
+                offset,
+                stored_len,
+            } => {
                 v.extend_from_slice(&[META_V1, flags]);
                 v.extend_from_slice(&self.raw_len.to_le_bytes());
                 v.extend_from_slice(&seg.to_le_bytes());
@@ -92,7 +98,10 @@ impl ChunkMeta {
 
     /// Decode an entry, refusing anything malformed.
     pub fn decode(id: &ChunkId, b: &[u8]) -> Result<Self> {
-        let bad = |why: &str| StoreError::BadEntry { what: format!("chunk {id}"), why: why.to_owned() };
+        let bad = |why: &str| StoreError::BadEntry {
+            what: format!("chunk {id}"),
+            why: why.to_owned(),
+        };
         if b.len() < 6 || b[0] != META_V1 {
             return Err(bad("unknown version or truncated"));
         }
@@ -111,9 +120,17 @@ impl ChunkMeta {
             o.copy_from_slice(&b[10..18]);
             let mut l = [0; 4];
             l.copy_from_slice(&b[18..22]);
-            Location::Segment { seg: u32::from_le_bytes(s), offset: u64::from_le_bytes(o), stored_len: u32::from_le_bytes(l) }
+            Location::Segment {
+                seg: u32::from_le_bytes(s),
+                offset: u64::from_le_bytes(o),
+                stored_len: u32::from_le_bytes(l),
+            }
         };
-        Ok(Self { raw_len, compressed, loc })
+        Ok(Self {
+            raw_len,
+            compressed,
+            loc,
+        })
     }
 }
 
@@ -152,14 +169,20 @@ impl NameEntry {
     }
 
     pub(crate) fn decode(name: &[u8], b: &[u8]) -> Result<Self> {
-        let bad = || StoreError::BadEntry { what: format!("name {}", String::from_utf8_lossy(name)), why: "wrong length".into() };
+        let bad = || StoreError::BadEntry {
+            what: format!("name {}", String::from_utf8_lossy(name)),
+            why: "wrong length".into(),
+        };
         if b.len() != 40 {
             return Err(bad());
         }
         let object = ObjectId::from_slice(&b[..32]).ok_or_else(bad)?;
         let mut t = [0; 8];
         t.copy_from_slice(&b[32..40]);
-        Ok(Self { object, updated_ms: u64::from_le_bytes(t) })
+        Ok(Self {
+            object,
+            updated_ms: u64::from_le_bytes(t),
+        })
     }
 }
 
@@ -167,13 +190,20 @@ impl NameEntry {
 /// whitespace, and not 64 hex characters (which would read as an id).
 pub fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(StoreError::Invalid(format!("a name is 1..={MAX_NAME_LEN} bytes, got {}", name.len())));
+        return Err(StoreError::Invalid(format!(
+            "a name is 1..={MAX_NAME_LEN} bytes, got {}",
+            name.len()
+        )));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(StoreError::Invalid(format!("name {name:?} contains whitespace or control characters")));
+        return Err(StoreError::Invalid(format!(
+            "name {name:?} contains whitespace or control characters"
+        )));
     }
     if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(StoreError::Invalid(format!("name {name:?} looks like an object id")));
+        return Err(StoreError::Invalid(format!(
+            "name {name:?} looks like an object id"
+        )));
     }
     Ok(())
 }
@@ -186,8 +216,20 @@ mod tests {
     fn meta_round_trips() {
         let id = ChunkId::of(b"x");
         for m in [
-            ChunkMeta { raw_len: 9, compressed: false, loc: Location::Inline(Bytes::from_static(b"123456789")) },
-            ChunkMeta { raw_len: 70000, compressed: true, loc: Location::Segment { seg: 7, offset: 1 << 40, stored_len: 5000 } },
+            ChunkMeta {
+                raw_len: 9,
+                compressed: false,
+                loc: Location::Inline(Bytes::from_static(b"123456789")),
+            },
+            ChunkMeta {
+                raw_len: 70000,
+                compressed: true,
+                loc: Location::Segment {
+                    seg: 7,
+                    offset: 1 << 40,
+                    stored_len: 5000,
+                },
+            },
         ] {
             assert_eq!(ChunkMeta::decode(&id, &m.encode()).unwrap(), m);
         }

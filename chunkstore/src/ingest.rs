@@ -56,7 +56,13 @@ pub struct PutOptions {
 
 impl Default for PutOptions {
     fn default() -> Self {
-        Self { name: None, pin: true, sha512: false, progress: None, chunker: None }
+        Self {
+            name: None,
+            pin: true,
+            sha512: false,
+            progress: None,
+            chunker: None,
+        }
     }
 }
 
@@ -143,7 +149,10 @@ pub(crate) struct SegWriters {
 
 impl SegWriters {
     pub(crate) fn new(inner: &Arc<Inner>) -> Self {
-        Self { inner: inner.clone(), segs: Vec::new() }
+        Self {
+            inner: inner.clone(),
+            segs: Vec::new(),
+        }
     }
 
     pub(crate) fn add(&mut self, seg: u32) {
@@ -178,7 +187,9 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
             let engine = inner.engine.as_ref();
             for (id, data) in rx {
                 let compressed = if inner.cfg.compress {
-                    zstd::bulk::compress(&data, 1).ok().filter(|c| c.len() * 10 <= data.len() * 9)
+                    zstd::bulk::compress(&data, 1)
+                        .ok()
+                        .filter(|c| c.len() * 10 <= data.len() * 9)
                 } else {
                     None
                 };
@@ -186,10 +197,14 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
                     Some(c) => (c, segment::FLAG_ZSTD),
                     None => (&data, 0),
                 };
-                let header = segment::encode_header(&id, flags, data.len() as u32, payload.len() as u32);
+                let header =
+                    segment::encode_header(&id, flags, data.len() as u32, payload.len() as u32);
                 let (seg_no, offset) = {
                     let mut active = inner.active.lock();
-                    if active.len + (segment::HEADER_LEN + payload.len()) as u64 > inner.cfg.segment_bytes && active.len > 0 {
+                    if active.len + (segment::HEADER_LEN + payload.len()) as u64
+                        > inner.cfg.segment_bytes
+                        && active.len > 0
+                    {
                         roll(&inner, &mut active)?;
                     }
                     let off = active.append(engine, &header, payload)?;
@@ -201,7 +216,10 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
                     }
                     (active.seg.no, off)
                 };
-                inner.metrics.segment_bytes.add((segment::HEADER_LEN + payload.len()) as i64);
+                inner
+                    .metrics
+                    .segment_bytes
+                    .add((segment::HEADER_LEN + payload.len()) as i64);
                 stored += payload.len() as u64;
                 since_writeback += payload.len() as u64;
                 if since_writeback >= WRITEBACK_EVERY {
@@ -215,15 +233,25 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
                     ChunkMeta {
                         raw_len: data.len() as u32,
                         compressed: compressed.is_some(),
-                        loc: Location::Segment { seg: seg_no, offset, stored_len: payload.len() as u32 },
+                        loc: Location::Segment {
+                            seg: seg_no,
+                            offset,
+                            stored_len: payload.len() as u32,
+                        },
                     },
                 ));
             }
             inner.active.lock().flush(engine)?;
             for s in &touched {
-                engine.sync_data(&s.file).ctx(|| format!("fdatasync {}", s.path.display()))?;
+                engine
+                    .sync_data(&s.file)
+                    .ctx(|| format!("fdatasync {}", s.path.display()))?;
             }
-            Ok(Written { metas, stored, _segs: seg_guard })
+            Ok(Written {
+                metas,
+                stored,
+                _segs: seg_guard,
+            })
         })
         .unwrap_or_else(|e| spawn_failed(e))
 }
@@ -255,7 +283,8 @@ impl Store {
             index::validate_name(n)?;
         }
         let chunker_cfg = opts.chunker.unwrap_or(self.inner.cfg.chunker);
-        let mut chunker = Chunker::new(chunker_cfg).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut chunker =
+            Chunker::new(chunker_cfg).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let (dtx, drx) = bounded::<Bytes>(16);
         let (wtx, wrx) = bounded::<(ChunkId, Bytes)>(64);
         let digests = spawn_digests(drx, opts.sha512);
@@ -279,7 +308,12 @@ impl Store {
                         Ok(0) => break,
                         Ok(n) => filled += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(StoreError::Io { what: "read input".into(), source: e }),
+                        Err(e) => {
+                            return Err(StoreError::Io {
+                                what: "read input".into(),
+                                source: e,
+                            })
+                        }
                     }
                 }
                 if filled == 0 {
@@ -308,8 +342,12 @@ impl Store {
         })();
         drop(dtx);
         state.wtx = None;
-        let written = writer.join().unwrap_or_else(|_| Err(StoreError::Invalid("writer thread panicked".into())));
-        let digests = digests.join().map_err(|_| StoreError::Invalid("digest thread panicked".into()))?;
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Invalid("writer thread panicked".into())));
+        let digests = digests
+            .join()
+            .map_err(|_| StoreError::Invalid("digest thread panicked".into()))?;
         fed?;
         let written = written?;
         self.commit(state, written, digests, opts)
@@ -331,7 +369,14 @@ impl Store {
         let (tx, rx) = tokio::sync::mpsc::channel::<Feed>(8);
         let store = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            store.put_reader(ChannelReader { rx, cur: Bytes::new(), done: false }, &opts)
+            store.put_reader(
+                ChannelReader {
+                    rx,
+                    cur: Bytes::new(),
+                    done: false,
+                },
+                &opts,
+            )
         });
         let mut read_err = None;
         loop {
@@ -363,15 +408,32 @@ impl Store {
             }
         }
         drop(tx);
-        let res = task.await.map_err(|e| StoreError::Invalid(format!("ingest task failed: {e}")))?;
+        let res = task
+            .await
+            .map_err(|e| StoreError::Invalid(format!("ingest task failed: {e}")))?;
         if let Some(e) = read_err {
-            return Err(StoreError::Io { what: "read input".into(), source: e });
+            return Err(StoreError::Io {
+                what: "read input".into(),
+                source: e,
+            });
         }
         res
     }
 
-    fn commit(&self, state: Chunking<'_>, written: Written, d: Digests, opts: &PutOptions) -> Result<PutResult> {
-        let Chunking { recipe, guard, inline, new_bytes, .. } = state;
+    fn commit(
+        &self,
+        state: Chunking<'_>,
+        written: Written,
+        d: Digests,
+        opts: &PutOptions,
+    ) -> Result<PutResult> {
+        let Chunking {
+            recipe,
+            guard,
+            inline,
+            new_bytes,
+            ..
+        } = state;
         let seg_guard = written._segs;
         let object = recipe.object_id();
         let len = recipe.total_len();
@@ -381,7 +443,14 @@ impl Store {
         let mut new_metas = written.metas;
         for (id, data) in inline {
             stored += data.len() as u64;
-            new_metas.push((id, ChunkMeta { raw_len: data.len() as u32, compressed: false, loc: Location::Inline(data) }));
+            new_metas.push((
+                id,
+                ChunkMeta {
+                    raw_len: data.len() as u32,
+                    compressed: false,
+                    loc: Location::Inline(data),
+                },
+            ));
         }
         for (id, m) in &new_metas {
             batch.put_cf(self.cf(index::CF_CHUNKS), id.as_bytes(), m.encode());
@@ -392,26 +461,54 @@ impl Store {
             sha256: d.sha256.clone(),
             sha512: d.sha512.clone(),
             blake3: d.blake3.clone(),
-            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_secs()).unwrap_or(0),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.as_secs())
+                .unwrap_or(0),
         };
         let _c = self.inner.commit_lock.read();
-        let existed = db.get_pinned_cf(self.cf(index::CF_OBJECTS), object.as_bytes())?.is_some();
-        batch.put_cf(self.cf(index::CF_RECIPES), object.as_bytes(), recipe.encode());
+        let existed = db
+            .get_pinned_cf(self.cf(index::CF_OBJECTS), object.as_bytes())?
+            .is_some();
+        batch.put_cf(
+            self.cf(index::CF_RECIPES),
+            object.as_bytes(),
+            recipe.encode(),
+        );
         if !existed || d.sha512.is_some() {
             let info = serde_json::to_vec(&info).map_err(|e| StoreError::Invalid(e.to_string()))?;
             batch.put_cf(self.cf(index::CF_OBJECTS), object.as_bytes(), info);
         }
-        batch.put_cf(self.cf(index::CF_DIGESTS), format!("sha256:{}", d.sha256), object.as_bytes());
-        batch.put_cf(self.cf(index::CF_DIGESTS), format!("blake3:{}", d.blake3), object.as_bytes());
+        batch.put_cf(
+            self.cf(index::CF_DIGESTS),
+            format!("sha256:{}", d.sha256),
+            object.as_bytes(),
+        );
+        batch.put_cf(
+            self.cf(index::CF_DIGESTS),
+            format!("blake3:{}", d.blake3),
+            object.as_bytes(),
+        );
         if let Some(s) = &d.sha512 {
-            batch.put_cf(self.cf(index::CF_DIGESTS), format!("sha512:{s}"), object.as_bytes());
+            batch.put_cf(
+                self.cf(index::CF_DIGESTS),
+                format!("sha512:{s}"),
+                object.as_bytes(),
+            );
         }
         if let Some(n) = &opts.name {
-            let e = NameEntry { object, updated_ms: now_ms() };
+            let e = NameEntry {
+                object,
+                updated_ms: now_ms(),
+            };
             batch.put_cf(self.cf(index::CF_NAMES), n.as_bytes(), e.encode());
         }
         if opts.pin {
-            batch.put_cf(self.cf(index::CF_PINS), format!("obj:{object}"), object.as_bytes());
+            batch.put_cf(
+                self.cf(index::CF_PINS),
+                format!("obj:{object}"),
+                object.as_bytes(),
+            );
         }
         db.write_opt(batch, &sync_write())?;
         drop(_c);
@@ -421,7 +518,8 @@ impl Store {
         }
         let m = &self.inner.metrics;
         m.chunks_written.inc_by(new_metas.len() as u64);
-        m.chunks_deduplicated.inc_by(recipe.chunks().len() as u64 - new_metas.len() as u64);
+        m.chunks_deduplicated
+            .inc_by(recipe.chunks().len() as u64 - new_metas.len() as u64);
         m.ingested_bytes.inc_by(len);
         m.physical_bytes.add(stored as i64);
         if !existed {
@@ -451,7 +549,10 @@ impl Store {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 struct Chunking<'a> {
@@ -514,7 +615,11 @@ impl Read for ChannelReader {
                 Some(Feed::Data(b)) => self.cur = b,
                 Some(Feed::End) => self.done = true,
                 Some(Feed::Fail(m)) => return Err(std::io::Error::other(m)),
-                None => return Err(std::io::Error::other("ingest cancelled before the end of the input")),
+                None => {
+                    return Err(std::io::Error::other(
+                        "ingest cancelled before the end of the input",
+                    ))
+                }
             }
         }
         let n = buf.len().min(self.cur.len());

@@ -1,6 +1,6 @@
 //! Store metrics, one typed struct registered into a Prometheus registry.
 
-use prometheus::{IntCounter, IntGauge, Gauge, Registry, Opts};
+use prometheus::{Gauge, IntCounter, IntGauge, Opts, Registry};
 
 /// Counters and gauges of one store. Names are prefixed `cairn_store_`.
 #[derive(Debug, Clone)]
@@ -36,7 +36,8 @@ pub struct StoreMetrics {
 }
 
 fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::with_opts(Opts::new(name, help)).unwrap_or_else(|_| unreachable_metric(name));
+    let c =
+        IntCounter::with_opts(Opts::new(name, help)).unwrap_or_else(|_| unreachable_metric(name));
     // Registering twice (two stores in one registry) is the caller's choice;
     // the second store then keeps private metrics instead of failing.
     let _ = reg.register(Box::new(c.clone()));
@@ -65,27 +66,80 @@ impl StoreMetrics {
         .unwrap_or_else(|_| unreachable_metric("cairn_store_dedup_ratio"));
         let _ = reg.register(Box::new(dedup_ratio.clone()));
         Self {
-            logical_bytes: gauge(reg, "cairn_store_logical_bytes", "Bytes of all stored objects, counting duplicates"),
-            physical_bytes: gauge(reg, "cairn_store_physical_bytes", "Bytes of distinct chunks held, after dedup and compression"),
-            segment_bytes: gauge(reg, "cairn_store_segment_bytes", "Bytes of segment files on disk, including uncompacted garbage"),
+            logical_bytes: gauge(
+                reg,
+                "cairn_store_logical_bytes",
+                "Bytes of all stored objects, counting duplicates",
+            ),
+            physical_bytes: gauge(
+                reg,
+                "cairn_store_physical_bytes",
+                "Bytes of distinct chunks held, after dedup and compression",
+            ),
+            segment_bytes: gauge(
+                reg,
+                "cairn_store_segment_bytes",
+                "Bytes of segment files on disk, including uncompacted garbage",
+            ),
             dedup_ratio,
-            chunks_written: counter(reg, "cairn_store_chunks_written_total", "Chunks written to disk"),
-            chunks_deduplicated: counter(reg, "cairn_store_chunks_deduplicated_total", "Chunks already present at ingest"),
-            chunks_read: counter(reg, "cairn_store_chunks_read_total", "Chunk reads served from disk"),
-            ingested_bytes: counter(reg, "cairn_store_ingested_bytes_total", "Object bytes ingested, before dedup"),
-            verify_failures: counter(reg, "cairn_store_verify_failures_total", "Chunks whose bytes did not match their id"),
-            evictions: counter(reg, "cairn_store_evictions_total", "Chunks evicted under the byte budget"),
-            evicted_bytes: counter(reg, "cairn_store_evicted_bytes_total", "Bytes evicted under the byte budget"),
-            gc_runs: counter(reg, "cairn_store_gc_runs_total", "Completed garbage collections"),
-            gc_chunks_reclaimed: counter(reg, "cairn_store_gc_chunks_reclaimed_total", "Unreferenced chunks removed by GC"),
-            gc_bytes_reclaimed: counter(reg, "cairn_store_gc_bytes_reclaimed_total", "Segment bytes returned to the file system by compaction"),
+            chunks_written: counter(
+                reg,
+                "cairn_store_chunks_written_total",
+                "Chunks written to disk",
+            ),
+            chunks_deduplicated: counter(
+                reg,
+                "cairn_store_chunks_deduplicated_total",
+                "Chunks already present at ingest",
+            ),
+            chunks_read: counter(
+                reg,
+                "cairn_store_chunks_read_total",
+                "Chunk reads served from disk",
+            ),
+            ingested_bytes: counter(
+                reg,
+                "cairn_store_ingested_bytes_total",
+                "Object bytes ingested, before dedup",
+            ),
+            verify_failures: counter(
+                reg,
+                "cairn_store_verify_failures_total",
+                "Chunks whose bytes did not match their id",
+            ),
+            evictions: counter(
+                reg,
+                "cairn_store_evictions_total",
+                "Chunks evicted under the byte budget",
+            ),
+            evicted_bytes: counter(
+                reg,
+                "cairn_store_evicted_bytes_total",
+                "Bytes evicted under the byte budget",
+            ),
+            gc_runs: counter(
+                reg,
+                "cairn_store_gc_runs_total",
+                "Completed garbage collections",
+            ),
+            gc_chunks_reclaimed: counter(
+                reg,
+                "cairn_store_gc_chunks_reclaimed_total",
+                "Unreferenced chunks removed by GC",
+            ),
+            gc_bytes_reclaimed: counter(
+                reg,
+                "cairn_store_gc_bytes_reclaimed_total",
+                "Segment bytes returned to the file system by compaction",
+            ),
         }
     }
 
     pub(crate) fn update_ratio(&self) {
         let p = self.physical_bytes.get();
         let l = self.logical_bytes.get();
-        self.dedup_ratio.set(if p > 0 { l as f64 / p as f64 } else { 1.0 });
+        self.dedup_ratio
+            .set(if p > 0 { l as f64 / p as f64 } else { 1.0 });
     }
 }
 
@@ -100,9 +154,17 @@ mod tests {
         let m = StoreMetrics::new(&reg);
         m.chunks_written.inc();
         let mut out = Vec::new();
-        prometheus::TextEncoder::new().encode(&reg.gather(), &mut out).unwrap();
+        prometheus::TextEncoder::new()
+            .encode(&reg.gather(), &mut out)
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
-        for name in ["cairn_store_dedup_ratio", "cairn_store_chunks_written_total 1", "cairn_store_gc_runs_total", "cairn_store_verify_failures_total", "cairn_store_evictions_total"] {
+        for name in [
+            "cairn_store_dedup_ratio",
+            "cairn_store_chunks_written_total 1",
+            "cairn_store_gc_runs_total",
+            "cairn_store_verify_failures_total",
+            "cairn_store_evictions_total",
+        ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
     }

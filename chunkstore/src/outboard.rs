@@ -30,7 +30,10 @@ pub struct Outboard {
 
 impl std::fmt::Debug for Outboard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outboard").field("len", &self.len).field("groups", &self.cvs.len()).finish()
+        f.debug_struct("Outboard")
+            .field("len", &self.len)
+            .field("groups", &self.cvs.len())
+            .finish()
     }
 }
 
@@ -46,7 +49,11 @@ fn merge(cvs: &[ChainingValue], start: u64, len: u64) -> ChainingValue {
         return cvs[(start / GROUP_LEN as u64) as usize];
     }
     let l = left_subtree_len(len);
-    merge_subtrees_non_root(&merge(cvs, start, l), &merge(cvs, start + l, len - l), Mode::Hash)
+    merge_subtrees_non_root(
+        &merge(cvs, start, l),
+        &merge(cvs, start + l, len - l),
+        Mode::Hash,
+    )
 }
 
 fn root(cvs: &[ChainingValue], len: u64) -> blake3::Hash {
@@ -61,8 +68,11 @@ impl Outboard {
         if data.len() <= GROUP_LEN {
             return (ChunkId::of(data), None);
         }
-        let cvs: Box<[ChainingValue]> =
-            data.chunks(GROUP_LEN).enumerate().map(|(i, g)| group_cv(i, g)).collect();
+        let cvs: Box<[ChainingValue]> = data
+            .chunks(GROUP_LEN)
+            .enumerate()
+            .map(|(i, g)| group_cv(i, g))
+            .collect();
         let len = data.len() as u64;
         let id = root(&cvs, len).into();
         (id, Some(Outboard { len, cvs }))

@@ -68,7 +68,11 @@ impl Recipe {
     /// Append a chunk of `len` bytes (must be non-zero).
     pub fn push(&mut self, id: ChunkId, len: u32) {
         debug_assert!(len > 0);
-        self.chunks.push(ChunkRef { id, offset: self.total_len, len });
+        self.chunks.push(ChunkRef {
+            id,
+            offset: self.total_len,
+            len,
+        });
         self.total_len += u64::from(len);
     }
 
@@ -87,7 +91,10 @@ impl Recipe {
         if offset >= self.total_len {
             return None;
         }
-        Some(self.chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset))
+        Some(
+            self.chunks
+                .partition_point(|c| c.offset + u64::from(c.len) <= offset),
+        )
     }
 
     /// The canonical encoding.
@@ -132,9 +139,14 @@ impl Recipe {
         if b.len() > need {
             return Err(RecipeError::Trailing(b.len() - need));
         }
-        let mut r = Recipe { chunks: Vec::with_capacity(count as usize), total_len: 0 };
+        let mut r = Recipe {
+            chunks: Vec::with_capacity(count as usize),
+            total_len: 0,
+        };
         for e in b[HEADER..].chunks_exact(ENTRY) {
-            let id = ChunkId::from_bytes(<[u8; 32]>::try_from(&e[..32]).map_err(|_| RecipeError::Inconsistent)?);
+            let id = ChunkId::from_bytes(
+                <[u8; 32]>::try_from(&e[..32]).map_err(|_| RecipeError::Inconsistent)?,
+            );
             let len = u32::from_le_bytes(le4(&e[32..36]));
             if len == 0 {
                 return Err(RecipeError::Inconsistent);
@@ -186,7 +198,10 @@ mod tests {
         assert_eq!(Recipe::decode(&e), Err(RecipeError::BadMagic));
         let mut e = Recipe::new().encode();
         e[13..17].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Recipe::decode(&e), Err(RecipeError::TooManyChunks(_))));
+        assert!(matches!(
+            Recipe::decode(&e),
+            Err(RecipeError::TooManyChunks(_))
+        ));
         let mut r = Recipe::new();
         r.push(ChunkId::of(b"x"), 7);
         let mut e = r.encode();

@@ -43,14 +43,20 @@ pub fn file_name(no: u32) -> String {
 
 /// Parse a segment file name.
 pub fn parse_name(name: &str) -> Option<u32> {
-    name.strip_suffix(".seg").filter(|s| s.len() == 8).and_then(|s| s.parse().ok())
+    name.strip_suffix(".seg")
+        .filter(|s| s.len() == 8)
+        .and_then(|s| s.parse().ok())
 }
 
 impl Segment {
     /// Open an existing segment for reading and appending.
     pub fn open(dir: &Path, no: u32) -> Result<Self> {
         let path = dir.join(file_name(no));
-        let file = OpenOptions::new().read(true).write(true).open(&path).ctx(|| format!("open segment {}", path.display()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("open segment {}", path.display()))?;
         Ok(Self { no, path, file })
     }
 
@@ -69,7 +75,11 @@ impl Segment {
 
     /// Current file length.
     pub fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().ctx(|| format!("stat {}", self.path.display()))?.len())
+        Ok(self
+            .file
+            .metadata()
+            .ctx(|| format!("stat {}", self.path.display()))?
+            .len())
     }
 
     /// Always false for a usable segment; here for clippy's sake.
@@ -80,7 +90,9 @@ impl Segment {
 
 /// fsync a directory so entries created or removed in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("fsync directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("fsync directory {}", dir.display()))
 }
 
 /// Encode a record header.
@@ -112,11 +124,21 @@ const STAGING_FLUSH: usize = 4 << 20;
 impl ActiveSegment {
     /// Append at the end of `seg`, whose file is `len` bytes long.
     pub fn new(seg: Arc<Segment>, len: u64) -> Self {
-        Self { seg, len, staging: Vec::with_capacity(STAGING_FLUSH + (256 << 10)), staging_start: len }
+        Self {
+            seg,
+            len,
+            staging: Vec::with_capacity(STAGING_FLUSH + (256 << 10)),
+            staging_start: len,
+        }
     }
 
     /// Stage a record; returns the payload's offset in the file.
-    pub fn append(&mut self, engine: &dyn IoEngine, header: &[u8; HEADER_LEN], payload: &[u8]) -> Result<u64> {
+    pub fn append(
+        &mut self,
+        engine: &dyn IoEngine,
+        header: &[u8; HEADER_LEN],
+        payload: &[u8],
+    ) -> Result<u64> {
         let payload_off = self.len + HEADER_LEN as u64;
         self.staging.extend_from_slice(header);
         self.staging.extend_from_slice(payload);

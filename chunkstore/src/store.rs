@@ -115,7 +115,10 @@ pub(crate) struct Inner {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).field("engine", &self.engine.name()).finish()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("engine", &self.engine.name())
+            .finish()
     }
 }
 
@@ -128,7 +131,10 @@ pub(crate) struct InUse {
 
 impl InUse {
     pub(crate) fn new(store: &Arc<Inner>) -> Self {
-        Self { store: store.clone(), ids: Vec::new() }
+        Self {
+            store: store.clone(),
+            ids: Vec::new(),
+        }
     }
 
     pub(crate) fn add(&mut self, id: ChunkId) {
@@ -161,7 +167,10 @@ impl Drop for InUse {
 
 /// What `resolve` accepts: an object id, a name, or a digest.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn sync_write() -> WriteOptions {
@@ -177,13 +186,23 @@ impl Store {
     }
 
     /// Open (or create) the store in `dir`, registering metrics in `reg`.
-    pub fn open_with_registry(dir: impl AsRef<Path>, cfg: StoreConfig, reg: &Registry) -> Result<Self> {
-        cfg.chunker.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+    pub fn open_with_registry(
+        dir: impl AsRef<Path>,
+        cfg: StoreConfig,
+        reg: &Registry,
+    ) -> Result<Self> {
+        cfg.chunker
+            .validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
         if cfg.segment_bytes < (1 << 20) {
-            return Err(StoreError::Invalid("segment_bytes must be at least 1 MiB".into()));
+            return Err(StoreError::Invalid(
+                "segment_bytes must be at least 1 MiB".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&cfg.compact_below) {
-            return Err(StoreError::Invalid("compact_below must be within 0..=1".into()));
+            return Err(StoreError::Invalid(
+                "compact_below must be within 0..=1".into(),
+            ));
         }
         let dir = dir.as_ref().to_path_buf();
         let seg_dir = dir.join("segments");
@@ -201,7 +220,9 @@ impl Store {
         block.set_bloom_filter(10.0, false);
         block.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
         opts.set_block_based_table_factory(&block);
-        let cfs = index::ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, opts.clone()));
+        let cfs = index::ALL_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, opts.clone()));
         let db_path = dir.join("index");
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs).map_err(|e| {
             if e.to_string().contains("lock") {
@@ -288,7 +309,10 @@ impl Store {
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // Every CF in ALL_CFS is created at open, so this lookup cannot fail
         // for the constants this crate passes.
-        self.inner.db.cf_handle(name).unwrap_or_else(|| unreachable_cf(name))
+        self.inner
+            .db
+            .cf_handle(name)
+            .unwrap_or_else(|| unreachable_cf(name))
     }
 
     /// The data directory.
@@ -323,7 +347,11 @@ impl Store {
         if let Some(m) = self.inner.meta_cache.get(id) {
             return Ok(Some(m));
         }
-        match self.inner.db.get_pinned_cf(self.cf(index::CF_CHUNKS), id.as_bytes())? {
+        match self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(index::CF_CHUNKS), id.as_bytes())?
+        {
             Some(v) => {
                 let m = Arc::new(ChunkMeta::decode(id, &v)?);
                 self.inner.meta_cache.insert(*id, m.clone());
@@ -343,10 +371,18 @@ impl Store {
     }
 
     /// Read a chunk's stored bytes (maybe compressed), unverified.
-    pub(crate) fn read_stored(&self, id: &ChunkId, meta: &ChunkMeta) -> Result<(Bytes, PathBuf, u64)> {
+    pub(crate) fn read_stored(
+        &self,
+        id: &ChunkId,
+        meta: &ChunkMeta,
+    ) -> Result<(Bytes, PathBuf, u64)> {
         match &meta.loc {
             Location::Inline(b) => Ok((b.clone(), self.inner.dir.join("index"), 0)),
-            Location::Segment { seg, offset, stored_len } => {
+            Location::Segment {
+                seg,
+                offset,
+                stored_len,
+            } => {
                 let s = self.segment(*seg).ok_or_else(|| StoreError::BadEntry {
                     what: format!("chunk {id}"),
                     why: format!("points at segment {seg}, which does not exist"),
@@ -367,7 +403,12 @@ impl Store {
         self.read_chunk_with(id, &meta, true)
     }
 
-    pub(crate) fn read_chunk_with(&self, id: &ChunkId, meta: &ChunkMeta, verify: bool) -> Result<Bytes> {
+    pub(crate) fn read_chunk_with(
+        &self,
+        id: &ChunkId,
+        meta: &ChunkMeta,
+        verify: bool,
+    ) -> Result<Bytes> {
         let (stored, path, offset) = match self.read_stored(id, meta) {
             Ok(x) => x,
             // A compaction may have moved the chunk since `meta` was cached:
@@ -400,14 +441,34 @@ impl Store {
 
     /// Move a corrupt chunk aside: copy its bytes to `quarantine/`, drop its
     /// index entry so it reads as missing, count and log it.
-    pub(crate) fn quarantine(&self, id: &ChunkId, stored: &[u8], path: PathBuf, offset: u64) -> StoreError {
-        let q = self.inner.quarantine_dir.join(format!("{id}-{}-{offset}", path.file_name().and_then(|n| n.to_str()).unwrap_or("inline")));
+    pub(crate) fn quarantine(
+        &self,
+        id: &ChunkId,
+        stored: &[u8],
+        path: PathBuf,
+        offset: u64,
+    ) -> StoreError {
+        let q = self.inner.quarantine_dir.join(format!(
+            "{id}-{}-{offset}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("inline")
+        ));
         if let Err(e) = fs::write(&q, stored) {
             tracing::error!(%id, error = %e, "could not copy corrupt chunk to quarantine");
         }
         let mut m = self.inner.in_use.lock();
-        let stored_len = self.chunk_meta(id).ok().flatten().map(|m| m.stored_len()).unwrap_or(0);
-        if let Err(e) = self.inner.db.delete_cf_opt(self.cf(index::CF_CHUNKS), id.as_bytes(), &sync_write()) {
+        let stored_len = self
+            .chunk_meta(id)
+            .ok()
+            .flatten()
+            .map(|m| m.stored_len())
+            .unwrap_or(0);
+        if let Err(e) =
+            self.inner
+                .db
+                .delete_cf_opt(self.cf(index::CF_CHUNKS), id.as_bytes(), &sync_write())
+        {
             tracing::error!(%id, error = %e, "could not drop the index entry of a corrupt chunk");
         } else {
             self.inner.metrics.physical_bytes.sub(stored_len as i64);
@@ -418,7 +479,12 @@ impl Store {
         drop(m);
         self.inner.metrics.verify_failures.inc();
         tracing::error!(%id, path = %path.display(), offset, quarantine = %q.display(), "corrupt chunk moved aside");
-        StoreError::Corrupt { id: *id, path, offset, quarantine: q }
+        StoreError::Corrupt {
+            id: *id,
+            path,
+            offset,
+            quarantine: q,
+        }
     }
 
     /// Read `buf.len()` bytes of chunk `id` starting at `start`, verifying
@@ -427,13 +493,18 @@ impl Store {
         let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
         let end = start + buf.len() as u64;
         if end > u64::from(meta.raw_len) {
-            return Err(StoreError::BadEntry { what: format!("chunk {id}"), why: "shorter than its recipe says".into() });
+            return Err(StoreError::BadEntry {
+                what: format!("chunk {id}"),
+                why: "shorter than its recipe says".into(),
+            });
         }
         let plain_segment = match &meta.loc {
             Location::Segment { seg, offset, .. } if !meta.compressed => Some((*seg, *offset)),
             _ => None,
         };
-        let Some((seg_no, payload_off)) = plain_segment.filter(|_| meta.raw_len as usize > GROUP_LEN) else {
+        let Some((seg_no, payload_off)) =
+            plain_segment.filter(|_| meta.raw_len as usize > GROUP_LEN)
+        else {
             let data = self.read_chunk_with(id, &meta, self.inner.cfg.verify_reads)?;
             buf.copy_from_slice(&data[start as usize..end as usize]);
             return Ok(());
@@ -496,7 +567,10 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(index::CF_RECIPES), id.as_bytes())?
             .ok_or_else(|| StoreError::NoSuchObject(id.to_string()))?;
-        let r = Recipe::decode(&v).map_err(|e| StoreError::BadEntry { what: format!("recipe {id}"), why: e.to_string() })?;
+        let r = Recipe::decode(&v).map_err(|e| StoreError::BadEntry {
+            what: format!("recipe {id}"),
+            why: e.to_string(),
+        })?;
         let r = Arc::new(r);
         self.inner.recipes.insert(*id, r.clone());
         Ok(r)
@@ -509,7 +583,10 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(index::CF_OBJECTS), id.as_bytes())?
             .ok_or_else(|| StoreError::NoSuchObject(id.to_string()))?;
-        serde_json::from_slice(&v).map_err(|e| StoreError::BadEntry { what: format!("object {id}"), why: e.to_string() })
+        serde_json::from_slice(&v).map_err(|e| StoreError::BadEntry {
+            what: format!("object {id}"),
+            why: e.to_string(),
+        })
     }
 
     /// Resolve an object id (64 hex), a digest (`sha256:…`, `sha512:…`,
@@ -517,20 +594,33 @@ impl Store {
     pub fn resolve(&self, what: &str) -> Result<ObjectId> {
         if what.len() == 64 {
             if let Ok(id) = what.parse::<ObjectId>() {
-                if self.inner.db.get_pinned_cf(self.cf(index::CF_RECIPES), id.as_bytes())?.is_some() {
+                if self
+                    .inner
+                    .db
+                    .get_pinned_cf(self.cf(index::CF_RECIPES), id.as_bytes())?
+                    .is_some()
+                {
                     return Ok(id);
                 }
                 return Err(StoreError::NoSuchObject(what.to_owned()));
             }
         }
         if what.contains(':') {
-            if let Some(v) = self.inner.db.get_pinned_cf(self.cf(index::CF_DIGESTS), what.as_bytes())? {
+            if let Some(v) = self
+                .inner
+                .db
+                .get_pinned_cf(self.cf(index::CF_DIGESTS), what.as_bytes())?
+            {
                 if let Some(id) = ObjectId::from_slice(&v) {
                     return Ok(id);
                 }
             }
         }
-        match self.inner.db.get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())? {
+        match self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())?
+        {
             Some(v) => Ok(NameEntry::decode(what.as_bytes(), &v)?.object),
             None => Err(StoreError::NoSuchObject(what.to_owned())),
         }
@@ -542,25 +632,49 @@ impl Store {
         let recipe = self.recipe(id)?;
         let mut guard = InUse::new(&self.inner);
         guard.add_all(recipe.chunks().iter().map(|c| c.id));
-        Ok(ObjectHandle { store: self.clone(), id: *id, recipe, _guard: guard })
+        Ok(ObjectHandle {
+            store: self.clone(),
+            id: *id,
+            recipe,
+            _guard: guard,
+        })
     }
 
     /// Set `name` to point at `object`.
     pub fn set_name(&self, name: &str, object: &ObjectId) -> Result<()> {
         index::validate_name(name)?;
         self.recipe(object)?;
-        let e = NameEntry { object: *object, updated_ms: now_ms() };
+        let e = NameEntry {
+            object: *object,
+            updated_ms: now_ms(),
+        };
         let _c = self.inner.commit_lock.read();
-        self.inner.db.put_cf_opt(self.cf(index::CF_NAMES), name.as_bytes(), e.encode(), &sync_write())?;
+        self.inner.db.put_cf_opt(
+            self.cf(index::CF_NAMES),
+            name.as_bytes(),
+            e.encode(),
+            &sync_write(),
+        )?;
         Ok(())
     }
 
     /// Pin `object` under `key`: it is kept by GC and never evicted.
     pub fn pin(&self, key: &str, object: &ObjectId) -> Result<()> {
-        index::validate_name(key).or_else(|e| if key.starts_with("obj:") { Ok(()) } else { Err(e) })?;
+        index::validate_name(key).or_else(|e| {
+            if key.starts_with("obj:") {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
         self.recipe(object)?;
         let _c = self.inner.commit_lock.read();
-        self.inner.db.put_cf_opt(self.cf(index::CF_PINS), key.as_bytes(), object.as_bytes(), &sync_write())?;
+        self.inner.db.put_cf_opt(
+            self.cf(index::CF_PINS),
+            key.as_bytes(),
+            object.as_bytes(),
+            &sync_write(),
+        )?;
         Ok(())
     }
 
@@ -572,11 +686,17 @@ impl Store {
         let db = &self.inner.db;
         let mut batch = WriteBatch::default();
         let mut n = 0;
-        if db.get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())?.is_some() {
+        if db
+            .get_pinned_cf(self.cf(index::CF_NAMES), what.as_bytes())?
+            .is_some()
+        {
             batch.delete_cf(self.cf(index::CF_NAMES), what.as_bytes());
             n += 1;
         }
-        if db.get_pinned_cf(self.cf(index::CF_PINS), what.as_bytes())?.is_some() {
+        if db
+            .get_pinned_cf(self.cf(index::CF_PINS), what.as_bytes())?
+            .is_some()
+        {
             batch.delete_cf(self.cf(index::CF_PINS), what.as_bytes());
             n += 1;
         }
@@ -606,9 +726,16 @@ impl Store {
     /// All names, sorted.
     pub fn names(&self) -> Result<Vec<(String, NameEntry)>> {
         let mut out = Vec::new();
-        for kv in self.inner.db.iterator_cf(self.cf(index::CF_NAMES), rocksdb::IteratorMode::Start) {
+        for kv in self
+            .inner
+            .db
+            .iterator_cf(self.cf(index::CF_NAMES), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = kv?;
-            out.push((String::from_utf8_lossy(&k).into_owned(), NameEntry::decode(&k, &v)?));
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                NameEntry::decode(&k, &v)?,
+            ));
         }
         Ok(out)
     }
@@ -616,7 +743,11 @@ impl Store {
     /// All pins, sorted by key.
     pub fn pins(&self) -> Result<Vec<(String, ObjectId)>> {
         let mut out = Vec::new();
-        for kv in self.inner.db.iterator_cf(self.cf(index::CF_PINS), rocksdb::IteratorMode::Start) {
+        for kv in self
+            .inner
+            .db
+            .iterator_cf(self.cf(index::CF_PINS), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = kv?;
             let id = ObjectId::from_slice(&v).ok_or_else(|| StoreError::BadEntry {
                 what: format!("pin {}", String::from_utf8_lossy(&k)),
@@ -630,7 +761,11 @@ impl Store {
     /// All object ids with a recipe.
     pub fn objects(&self) -> Result<Vec<ObjectId>> {
         let mut out = Vec::new();
-        for kv in self.inner.db.iterator_cf(self.cf(index::CF_RECIPES), rocksdb::IteratorMode::Start) {
+        for kv in self
+            .inner
+            .db
+            .iterator_cf(self.cf(index::CF_RECIPES), rocksdb::IteratorMode::Start)
+        {
             let (k, _) = kv?;
             if let Some(id) = ObjectId::from_slice(&k) {
                 out.push(id);
@@ -662,7 +797,12 @@ impl Store {
             }
         }
         let pinned = self.pins()?.iter().any(|(_, o)| o == id);
-        let names = self.names()?.into_iter().filter(|(_, e)| e.object == *id).map(|(n, _)| n).collect();
+        let names = self
+            .names()?
+            .into_iter()
+            .filter(|(_, e)| e.object == *id)
+            .map(|(n, _)| n)
+            .collect();
         Ok(ObjectStat {
             id: *id,
             len: recipe.total_len(),
@@ -788,9 +928,15 @@ impl ObjectHandle {
     /// Fill `buf` from `offset`, reading only the parts of chunks needed
     /// (the NBD path). Fails with `OutOfRange` if the range passes the end.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len());
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len());
         if end.is_none() {
-            return Err(StoreError::OutOfRange { object: self.id, offset, len: self.len() });
+            return Err(StoreError::OutOfRange {
+                object: self.id,
+                offset,
+                len: self.len(),
+            });
         }
         if buf.is_empty() {
             return Ok(());
@@ -803,7 +949,8 @@ impl ObjectHandle {
             let c = &chunks[i];
             let in_chunk = pos - c.offset;
             let n = ((u64::from(c.len) - in_chunk) as usize).min(buf.len() - done);
-            self.store.read_chunk_range(&c.id, in_chunk, &mut buf[done..done + n])?;
+            self.store
+                .read_chunk_range(&c.id, in_chunk, &mut buf[done..done + n])?;
             done += n;
             pos += n as u64;
             i += 1;
@@ -816,7 +963,10 @@ impl ObjectHandle {
     pub fn chunks(&self) -> impl Iterator<Item = Result<Bytes>> + '_ {
         let verify = self.store.inner.cfg.verify_reads;
         self.recipe.chunks().iter().map(move |c| {
-            let meta = self.store.chunk_meta(&c.id)?.ok_or(StoreError::ChunkMissing(c.id))?;
+            let meta = self
+                .store
+                .chunk_meta(&c.id)?
+                .ok_or(StoreError::ChunkMissing(c.id))?;
             self.store.read_chunk_with(&c.id, &meta, verify)
         })
     }
@@ -838,7 +988,10 @@ impl ObjectHandle {
 
     /// A `std::io::Read` over the whole object.
     pub fn reader(&self) -> ObjectReader<'_> {
-        ObjectReader { handle: self, pos: 0 }
+        ObjectReader {
+            handle: self,
+            pos: 0,
+        }
     }
 }
 
@@ -856,7 +1009,9 @@ impl std::io::Read for ObjectReader<'_> {
         if n == 0 {
             return Ok(0);
         }
-        self.handle.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        self.handle
+            .read_at(self.pos, &mut buf[..n])
+            .map_err(std::io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }

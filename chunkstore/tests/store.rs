@@ -1,5 +1,7 @@
 //! Store behaviour, run once per I/O engine.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -24,13 +26,20 @@ fn engines() -> Vec<EngineKind> {
 }
 
 fn cfg(engine: EngineKind) -> StoreConfig {
-    StoreConfig { engine, ..StoreConfig::default() }
+    StoreConfig {
+        engine,
+        ..StoreConfig::default()
+    }
 }
 
 fn small_chunks(engine: EngineKind) -> StoreConfig {
     StoreConfig {
         engine,
-        chunker: ChunkerConfig::Cdc { min: 1024, avg: 4096, max: 16384 },
+        chunker: ChunkerConfig::Cdc {
+            min: 1024,
+            avg: 4096,
+            max: 16384,
+        },
         segment_bytes: 1 << 20,
         ..StoreConfig::default()
     }
@@ -51,7 +60,25 @@ fn round_trips_at_edge_sizes() {
     for engine in engines() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), cfg(engine)).unwrap();
-        for (i, len) in [0usize, 1, 4095, 4096, 4097, 16383, 16384, 16385, 65536, 262143, 262144, 262145, 1 << 20, 3_000_001].into_iter().enumerate() {
+        for (i, len) in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            16383,
+            16384,
+            16385,
+            65536,
+            262143,
+            262144,
+            262145,
+            1 << 20,
+            3_000_001,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let data = random(len, i as u64);
             let put = store.put_bytes(&data, &PutOptions::default()).unwrap();
             assert_eq!(put.len, len as u64);
@@ -66,7 +93,10 @@ fn round_trips_at_edge_sizes() {
                 h.read_at(off as u64, &mut buf).unwrap();
                 assert_eq!(buf, &data[off..off + n]);
             }
-            assert!(matches!(h.read_at(len as u64, &mut [0u8; 1]), Err(StoreError::OutOfRange { .. })));
+            assert!(matches!(
+                h.read_at(len as u64, &mut [0u8; 1]),
+                Err(StoreError::OutOfRange { .. })
+            ));
             let sha = {
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(&data))
@@ -104,7 +134,15 @@ fn reopen_keeps_everything_and_dedups() {
         let data = random(2 << 20, 7);
         let id = {
             let store = Store::open(dir.path(), cfg(engine)).unwrap();
-            let put = store.put_bytes(&data, &PutOptions { name: Some("demo/x:v1".into()), ..Default::default() }).unwrap();
+            let put = store
+                .put_bytes(
+                    &data,
+                    &PutOptions {
+                        name: Some("demo/x:v1".into()),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             assert_eq!(put.new_bytes, data.len() as u64);
             put.object
         };
@@ -123,18 +161,32 @@ fn reopen_keeps_everything_and_dedups() {
 fn second_open_of_a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _a = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    assert!(matches!(Store::open(dir.path(), StoreConfig::default()), Err(StoreError::Locked(_))));
+    assert!(matches!(
+        Store::open(dir.path(), StoreConfig::default()),
+        Err(StoreError::Locked(_))
+    ));
 }
 
 #[test]
 fn bad_names_and_ids_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let e = store.put_bytes(b"x", &PutOptions { name: Some("has space".into()), ..Default::default() }).unwrap_err();
+    let e = store
+        .put_bytes(
+            b"x",
+            &PutOptions {
+                name: Some("has space".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("whitespace"), "{e}");
     let e = store.resolve(&"0".repeat(64)).unwrap_err();
     assert!(matches!(e, StoreError::NoSuchObject(_)));
-    assert!(matches!(store.resolve("nope"), Err(StoreError::NoSuchObject(_))));
+    assert!(matches!(
+        store.resolve("nope"),
+        Err(StoreError::NoSuchObject(_))
+    ));
 }
 
 /// Flip one byte of a chunk in its segment file: reads and fsck report it,
@@ -151,9 +203,14 @@ fn corrupt_chunk_is_reported_quarantined_and_missing() {
         let put2 = store.put_bytes(&other, &PutOptions::default()).unwrap();
         let victim = store.recipe(&put.object).unwrap().chunks()[1];
         let meta = store.chunk_meta(&victim.id).unwrap().unwrap();
-        let cairn_chunkstore::index::Location::Segment { seg, offset, .. } = meta.loc else { panic!("expected a segment chunk") };
+        let cairn_chunkstore::index::Location::Segment { seg, offset, .. } = meta.loc else {
+            panic!("expected a segment chunk")
+        };
         drop(store);
-        let path = dir.path().join("segments").join(cairn_chunkstore::segment::file_name(seg));
+        let path = dir
+            .path()
+            .join("segments")
+            .join(cairn_chunkstore::segment::file_name(seg));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[offset as usize + 100] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
@@ -163,7 +220,12 @@ fn corrupt_chunk_is_reported_quarantined_and_missing() {
         let mut buf = vec![0u8; 10];
         let e = h.read_at(victim.offset + 95, &mut buf).unwrap_err();
         match &e {
-            StoreError::Corrupt { id, path: p, quarantine, .. } => {
+            StoreError::Corrupt {
+                id,
+                path: p,
+                quarantine,
+                ..
+            } => {
                 assert_eq!(*id, victim.id);
                 assert_eq!(p, &path);
                 assert!(quarantine.exists());
@@ -172,7 +234,9 @@ fn corrupt_chunk_is_reported_quarantined_and_missing() {
         }
         assert!(e.to_string().contains(&path.display().to_string()));
         // Now it is missing, and says so.
-        assert!(matches!(h.read_at(victim.offset, &mut buf), Err(StoreError::ChunkMissing(id)) if id == victim.id));
+        assert!(
+            matches!(h.read_at(victim.offset, &mut buf), Err(StoreError::ChunkMissing(id)) if id == victim.id)
+        );
         assert_eq!(store.metrics().verify_failures.get(), 1);
         // Other objects still read fine.
         assert_eq!(read_all(&store, &put2.object), other);
@@ -190,11 +254,20 @@ fn corrupt_chunk_is_reported_quarantined_and_missing() {
 fn fsck_finds_corruption_without_a_read() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let put = store.put_bytes(&random(500_000, 9), &PutOptions::default()).unwrap();
+    let put = store
+        .put_bytes(&random(500_000, 9), &PutOptions::default())
+        .unwrap();
     let c = store.recipe(&put.object).unwrap().chunks()[0];
-    let cairn_chunkstore::index::Location::Segment { seg, offset, .. } = store.chunk_meta(&c.id).unwrap().unwrap().loc else { panic!() };
+    let cairn_chunkstore::index::Location::Segment { seg, offset, .. } =
+        store.chunk_meta(&c.id).unwrap().unwrap().loc
+    else {
+        panic!()
+    };
     drop(store);
-    let path = dir.path().join("segments").join(cairn_chunkstore::segment::file_name(seg));
+    let path = dir
+        .path()
+        .join("segments")
+        .join(cairn_chunkstore::segment::file_name(seg));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[offset as usize] ^= 1;
     std::fs::write(&path, bytes).unwrap();
@@ -212,7 +285,16 @@ fn gc_reclaims_only_unreferenced() {
         let store = Store::open(dir.path(), small_chunks(engine)).unwrap();
         let keep = random(3 << 20, 1);
         let drop_me = random(3 << 20, 2);
-        let k = store.put_bytes(&keep, &PutOptions { name: Some("keep".into()), pin: false, ..Default::default() }).unwrap();
+        let k = store
+            .put_bytes(
+                &keep,
+                &PutOptions {
+                    name: Some("keep".into()),
+                    pin: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         let d = store.put_bytes(&drop_me, &PutOptions::default()).unwrap();
         let before = store.summary();
         assert_eq!(store.remove(&d.object.to_string()).unwrap(), 1);
@@ -222,7 +304,10 @@ fn gc_reclaims_only_unreferenced() {
         assert!(r.bytes_reclaimed > 0, "{r:?}");
         let after = store.summary();
         assert!(after.segment_bytes < before.segment_bytes);
-        assert!(matches!(store.open_object(&d.object), Err(StoreError::NoSuchObject(_))));
+        assert!(matches!(
+            store.open_object(&d.object),
+            Err(StoreError::NoSuchObject(_))
+        ));
         assert_eq!(read_all(&store, &k.object), keep);
         assert!(store.fsck(|_| {}).unwrap().is_clean());
         drop(store);
@@ -257,7 +342,13 @@ fn gc_racing_ingest_and_reads_loses_nothing() {
             let mut reads = 0;
             while !stop.load(Ordering::Relaxed) {
                 let data = random(400_000, 5000 + reads);
-                let put = store.put_bytes(&data, &PutOptions { pin: false, ..Default::default() });
+                let put = store.put_bytes(
+                    &data,
+                    &PutOptions {
+                        pin: false,
+                        ..Default::default()
+                    },
+                );
                 let Ok(put) = put else { continue };
                 // Opening may lose the race with GC (not pinned): that is allowed.
                 if let Ok(h) = store.open_object(&put.object) {
@@ -276,9 +367,26 @@ fn gc_racing_ingest_and_reads_loses_nothing() {
             // dedups against chunks while GC sweeps.
             let mut data = base[..(i as usize * 20_000) % base.len()].to_vec();
             data.extend_from_slice(&random(200_000, i));
-            let unpinned = store.put_bytes(&data, &PutOptions { pin: false, ..Default::default() }).unwrap();
+            let unpinned = store
+                .put_bytes(
+                    &data,
+                    &PutOptions {
+                        pin: false,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             let _ = unpinned; // garbage for GC to chew on
-            let put = store.put_bytes(&data, &PutOptions { name: Some(format!("obj{i}")), pin: false, ..Default::default() }).unwrap();
+            let put = store
+                .put_bytes(
+                    &data,
+                    &PutOptions {
+                        name: Some(format!("obj{i}")),
+                        pin: false,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             committed.push((put.object, data));
         }
         stop.store(true, Ordering::Relaxed);
@@ -300,13 +408,31 @@ fn gc_racing_ingest_and_reads_loses_nothing() {
 fn budget_evicts_lru_unpinned_and_keeps_pins() {
     let dir = tempfile::tempdir().unwrap();
     let budget = 8 << 20;
-    let store = Store::open(dir.path(), StoreConfig { budget_bytes: Some(budget), ..small_chunks(EngineKind::Auto) }).unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreConfig {
+            budget_bytes: Some(budget),
+            ..small_chunks(EngineKind::Auto)
+        },
+    )
+    .unwrap();
     let pinned_data = random(3 << 20, 1);
-    let pinned = store.put_bytes(&pinned_data, &PutOptions::default()).unwrap();
+    let pinned = store
+        .put_bytes(&pinned_data, &PutOptions::default())
+        .unwrap();
     let mut cached = Vec::new();
     for i in 0..6u64 {
         let d = random(2 << 20, 10 + i);
-        let p = store.put_bytes(&d, &PutOptions { name: Some(format!("cache{i}")), pin: false, ..Default::default() }).unwrap();
+        let p = store
+            .put_bytes(
+                &d,
+                &PutOptions {
+                    name: Some(format!("cache{i}")),
+                    pin: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         cached.push((p.object, d));
     }
     let s = store.summary();
@@ -329,7 +455,15 @@ fn metrics_track_dedup() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     let data = random(1 << 20, 1);
-    store.put_bytes(&data, &PutOptions { name: Some("a".into()), ..Default::default() }).unwrap();
+    store
+        .put_bytes(
+            &data,
+            &PutOptions {
+                name: Some("a".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     let mut v2 = data.clone();
     v2.extend_from_slice(b"tail");
     store.put_bytes(&v2, &PutOptions::default()).unwrap();
@@ -344,7 +478,10 @@ async fn async_put_and_stream() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     let data = random(5 << 20, 11);
-    let put = store.put_async(&data[..], PutOptions::default()).await.unwrap();
+    let put = store
+        .put_async(&data[..], PutOptions::default())
+        .await
+        .unwrap();
     let mut rx = store.open_object(&put.object).unwrap().stream(4);
     let mut got = Vec::new();
     while let Some(c) = rx.recv().await {
@@ -355,7 +492,11 @@ async fn async_put_and_stream() {
     // A reader that fails half-way commits nothing.
     struct Failing(usize);
     impl tokio::io::AsyncRead for Failing {
-        fn poll_read(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
             if self.0 == 0 {
                 return std::task::Poll::Ready(Err(std::io::Error::other("disk on fire")));
             }
@@ -366,7 +507,10 @@ async fn async_put_and_stream() {
         }
     }
     let before = store.objects().unwrap().len();
-    let e = store.put_async(Failing(3 << 20), PutOptions::default()).await.unwrap_err();
+    let e = store
+        .put_async(Failing(3 << 20), PutOptions::default())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("disk on fire"), "{e}");
     assert_eq!(store.objects().unwrap().len(), before);
 }

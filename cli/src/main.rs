@@ -123,7 +123,9 @@ fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.log_format == "json" {
         b.json().init();
     } else {
@@ -143,17 +145,25 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_owned());
     pb
 }
 
 fn open(args: &StoreArgs) -> anyhow::Result<Store> {
-    let cfg = StoreConfig { engine: args.engine, budget_bytes: args.budget, compress: args.compress, ..StoreConfig::default() };
-    Store::open(&args.data_dir, cfg).with_context(|| format!("open store at {}", args.data_dir.display()))
+    let cfg = StoreConfig {
+        engine: args.engine,
+        budget_bytes: args.budget,
+        compress: args.compress,
+        ..StoreConfig::default()
+    };
+    Store::open(&args.data_dir, cfg)
+        .with_context(|| format!("open store at {}", args.data_dir.display()))
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -167,14 +177,26 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
         return summary(&store, args.json);
     };
     match cmd {
-        StoreCmd::Put { file, name, sha512, no_pin } => {
+        StoreCmd::Put {
+            file,
+            name,
+            sha512,
+            no_pin,
+        } => {
             let progress = Arc::new(AtomicU64::new(0));
-            let opts = PutOptions { name: name.clone(), pin: !no_pin, sha512: *sha512, progress: Some(progress.clone()), chunker: None };
+            let opts = PutOptions {
+                name: name.clone(),
+                pin: !no_pin,
+                sha512: *sha512,
+                progress: Some(progress.clone()),
+                chunker: None,
+            };
             let start = Instant::now();
             let res = if file.as_os_str() == "-" {
                 store.put_reader(std::io::stdin().lock(), &opts)?
             } else {
-                let f = std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
+                let f = std::fs::File::open(file)
+                    .with_context(|| format!("open {}", file.display()))?;
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 let pb = bar(len, "put");
                 let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -213,7 +235,11 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
                 if let Some(n) = name {
                     println!("name    {n}");
                 }
-                println!("time    {:.2}s ({}/s)", secs, size::human((res.len as f64 / secs.max(1e-9)) as u64));
+                println!(
+                    "time    {:.2}s ({}/s)",
+                    secs,
+                    size::human((res.len as f64 / secs.max(1e-9)) as u64)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -240,19 +266,42 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
             let names = store.names()?;
             let pins = store.pins()?;
             if args.json {
-                let names: Vec<_> = names.iter().map(|(n, e)| serde_json::json!({"name": n, "object": e.object})).collect();
-                let pins: Vec<_> = pins.iter().map(|(k, o)| serde_json::json!({"pin": k, "object": o})).collect();
+                let names: Vec<_> = names
+                    .iter()
+                    .map(|(n, e)| serde_json::json!({"name": n, "object": e.object}))
+                    .collect();
+                let pins: Vec<_> = pins
+                    .iter()
+                    .map(|(k, o)| serde_json::json!({"pin": k, "object": o}))
+                    .collect();
                 print_json(&serde_json::json!({"names": names, "pins": pins}))?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:<40} {:<12} {:>12} {:>9}", "NAME / PIN", "OBJECT", "SIZE", "STATE");
-            for (label, obj) in names.iter().map(|(n, e)| (n.clone(), e.object)).chain(pins.iter().map(|(k, o)| (format!("[pin] {k}"), *o))) {
+            println!(
+                "{:<40} {:<12} {:>12} {:>9}",
+                "NAME / PIN", "OBJECT", "SIZE", "STATE"
+            );
+            for (label, obj) in names
+                .iter()
+                .map(|(n, e)| (n.clone(), e.object))
+                .chain(pins.iter().map(|(k, o)| (format!("[pin] {k}"), *o)))
+            {
                 let (size, state) = match store.object_stat(&obj) {
                     Ok(s) => (size::human(s.len), s.state()),
                     Err(_) => ("-".into(), "dangling"),
                 };
-                let label = if label.len() > 40 { format!("{}…", &label[..39]) } else { label };
-                println!("{:<40} {:<12} {:>12} {:>9}", label, obj.fmt_short(), size, state);
+                let label = if label.len() > 40 {
+                    format!("{}…", &label[..39])
+                } else {
+                    label
+                };
+                println!(
+                    "{:<40} {:<12} {:>12} {:>9}",
+                    label,
+                    obj.fmt_short(),
+                    size,
+                    state
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -266,8 +315,19 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
             }
             println!("object   {}", s.id);
             println!("size     {} ({})", s.len, size::human(s.len));
-            println!("chunks   {} ({} distinct, {} present)", s.chunks, s.unique_chunks, s.present_chunks);
-            println!("state    {} ({:.1}% present)", s.state(), if s.len == 0 { 100.0 } else { s.present_bytes as f64 * 100.0 / s.len as f64 });
+            println!(
+                "chunks   {} ({} distinct, {} present)",
+                s.chunks, s.unique_chunks, s.present_chunks
+            );
+            println!(
+                "state    {} ({:.1}% present)",
+                s.state(),
+                if s.len == 0 {
+                    100.0
+                } else {
+                    s.present_bytes as f64 * 100.0 / s.len as f64
+                }
+            );
             println!("on disk  {}", size::human(s.stored_bytes));
             println!("pinned   {}", if s.pinned { "yes" } else { "no" });
             if !s.names.is_empty() {
@@ -289,9 +349,16 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
             if args.json {
                 print_json(&r)?;
             } else {
-                println!("chunks verified  {} ({})", r.chunks_checked, size::human(r.bytes_checked));
+                println!(
+                    "chunks verified  {} ({})",
+                    r.chunks_checked,
+                    size::human(r.bytes_checked)
+                );
                 println!("objects checked  {}", r.objects_checked);
-                println!("garbage bytes    {} (reclaimed by gc)", size::human(r.garbage_bytes));
+                println!(
+                    "garbage bytes    {} (reclaimed by gc)",
+                    size::human(r.garbage_bytes)
+                );
                 for c in &r.corrupt {
                     println!("CORRUPT   {c}");
                 }
@@ -304,9 +371,20 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
                 for d in &r.dangling {
                     println!("DANGLING  {d}");
                 }
-                println!("{}", if r.is_clean() { "clean" } else { "PROBLEMS FOUND" });
+                println!(
+                    "{}",
+                    if r.is_clean() {
+                        "clean"
+                    } else {
+                        "PROBLEMS FOUND"
+                    }
+                );
             }
-            Ok(if r.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if r.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         StoreCmd::Gc => {
             let r = store.gc()?;
@@ -314,8 +392,15 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 println!("objects removed   {}", r.objects_removed);
-                println!("chunks removed    {} ({})", r.chunks_removed, size::human(r.chunk_bytes_removed));
-                println!("segments compacted {} ({} chunks moved)", r.segments_compacted, r.chunks_moved);
+                println!(
+                    "chunks removed    {} ({})",
+                    r.chunks_removed,
+                    size::human(r.chunk_bytes_removed)
+                );
+                println!(
+                    "segments compacted {} ({} chunks moved)",
+                    r.segments_compacted, r.chunks_moved
+                );
                 println!("disk reclaimed    {}", size::human(r.bytes_reclaimed));
             }
             Ok(ExitCode::SUCCESS)
@@ -328,9 +413,18 @@ fn store_cmd(args: StoreArgs) -> anyhow::Result<ExitCode> {
             if args.json {
                 print_json(&r)?;
             } else {
-                println!("{} {} bytes: {}", r.object, r.bytes, if r.sha256_ok { "ok" } else { "SHA256 MISMATCH" });
+                println!(
+                    "{} {} bytes: {}",
+                    r.object,
+                    r.bytes,
+                    if r.sha256_ok { "ok" } else { "SHA256 MISMATCH" }
+                );
             }
-            Ok(if r.sha256_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if r.sha256_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         StoreCmd::Rm { what } => {
             let n = store.remove(what)?;
@@ -354,9 +448,16 @@ fn summary(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
     println!("objects   {}", store.objects()?.len());
     println!("logical   {}", size::human(s.logical_bytes));
     println!("physical  {}", size::human(s.physical_bytes));
-    println!("segments  {} files, {}", s.segments, size::human(s.segment_bytes));
+    println!(
+        "segments  {} files, {}",
+        s.segments,
+        size::human(s.segment_bytes)
+    );
     if s.physical_bytes > 0 {
-        println!("dedup     {:.2}x", s.logical_bytes as f64 / s.physical_bytes as f64);
+        println!(
+            "dedup     {:.2}x",
+            s.logical_bytes as f64 / s.physical_bytes as f64
+        );
     }
     match s.budget_bytes {
         Some(b) => println!("budget    {}", size::human(b)),

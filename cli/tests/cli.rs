@@ -1,5 +1,7 @@
 //! The `cairn store` commands, driven as a user would.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -8,7 +10,13 @@ use rand::{RngCore, SeedableRng};
 const BIN: &str = env!("CARGO_BIN_EXE_cairn");
 
 fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).arg("store").arg("--data-dir").arg(dir).args(args).output().unwrap()
+    Command::new(BIN)
+        .arg("store")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -28,10 +36,17 @@ fn put_get_stat_ls_rm_gc() {
     let file = work.path().join("f.bin");
     std::fs::write(&file, &data).unwrap();
 
-    let o = run(&dir, &["put", file.to_str().unwrap(), "--name", "demo/x:v1"]);
+    let o = run(
+        &dir,
+        &["put", file.to_str().unwrap(), "--name", "demo/x:v1"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let id = out.lines().find_map(|l| l.strip_prefix("object  ")).unwrap().to_owned();
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("object  "))
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 64);
     assert!(out.contains("sha256  "), "{out}");
     assert!(out.contains("chunks  "), "{out}");
@@ -54,7 +69,11 @@ fn put_get_stat_ls_rm_gc() {
     let o = run(&dir, &["verify", "demo/x:v1"]);
     assert!(o.status.success() && stdout(&o).contains("ok"));
     let o = run(&dir, &["fsck"]);
-    assert!(o.status.success() && stdout(&o).contains("clean"), "{}", stdout(&o));
+    assert!(
+        o.status.success() && stdout(&o).contains("clean"),
+        "{}",
+        stdout(&o)
+    );
 
     // Remove every root; GC then reclaims the bytes.
     let o = run(&dir, &["rm", &id]);
@@ -77,10 +96,17 @@ fn errors_are_clear_and_nonzero() {
     assert!(stderr(&o).contains("/nonexistent/file"), "{}", stderr(&o));
     let o = run(&dir, &["get", "zzzz"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no such object: zzzz"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no such object: zzzz"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&dir, &["get", &"ab".repeat(32)]);
     assert_eq!(o.status.code(), Some(1));
-    let o = Command::new(BIN).args(["store", "--budget", "12Q", "ls"]).output().unwrap();
+    let o = Command::new(BIN)
+        .args(["store", "--budget", "12Q", "ls"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2)); // clap usage error
     assert!(stderr(&o).contains("unknown size unit"));
 }
@@ -107,9 +133,24 @@ fn fsck_exit_code_reports_corruption() {
     let o = run(&dir, &["fsck"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("CORRUPT"), "{}", stdout(&o));
-    assert!(stdout(&o).contains(seg.file_name().unwrap().to_str().unwrap()), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(seg.file_name().unwrap().to_str().unwrap()),
+        "{}",
+        stdout(&o)
+    );
     // The corrupt chunk now reads as missing, with a clear error.
-    let o = run(&dir, &["get", "-o", "/dev/null", &format!("sha256:{}", { use sha2::Digest; hex::encode(sha2::Sha256::digest(&data)) })]);
+    let o = run(
+        &dir,
+        &[
+            "get",
+            "-o",
+            "/dev/null",
+            &format!("sha256:{}", {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&data))
+            }),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing"), "{}", stderr(&o));
 }

@@ -2,6 +2,8 @@
 //! points until 25 kills have landed mid-flight. After each kill the store reopens, `fsck` is clean, and
 //! every object whose id was printed (acknowledged) reads back identical.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -52,7 +54,11 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
                 cmd.arg("--no-pin").arg("--name").arg(format!("n{round}"));
             }
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
@@ -77,17 +83,33 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
             String::from_utf8_lossy(&fsck.stderr)
         );
         for (id, sha) in &acked {
-            let v = cairn(&data_dir).args(["--json", "verify", id]).output().unwrap();
-            assert!(v.status.success(), "round {round}: object {id} damaged: {}", String::from_utf8_lossy(&v.stderr));
+            let v = cairn(&data_dir)
+                .args(["--json", "verify", id])
+                .output()
+                .unwrap();
+            assert!(
+                v.status.success(),
+                "round {round}: object {id} damaged: {}",
+                String::from_utf8_lossy(&v.stderr)
+            );
             let r: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
             assert_eq!(r["sha256_ok"], true);
-            let stat = cairn(&data_dir).args(["--json", "stat", id]).output().unwrap();
+            let stat = cairn(&data_dir)
+                .args(["--json", "stat", id])
+                .output()
+                .unwrap();
             let s: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
             assert_eq!(s["info"]["sha256"].as_str(), Some(sha.as_str()));
         }
     }
-    assert!(kills >= 25, "only {kills} of {round} rounds were killed mid-flight");
-    assert!(!acked.is_empty(), "no put ever completed; the delays are too short");
+    assert!(
+        kills >= 25,
+        "only {kills} of {round} rounds were killed mid-flight"
+    );
+    assert!(
+        !acked.is_empty(),
+        "no put ever completed; the delays are too short"
+    );
 
     // Finally the bytes themselves, through `get`.
     for (id, sha) in &acked {
