@@ -666,6 +666,7 @@ struct Report<'a> {
     reads: ReadsResult,
     dedup: DedupResult,
     total_secs: f64,
+    loadavg_end: String,
 }
 
 fn render(r: &Report<'_>) -> String {
@@ -693,7 +694,11 @@ fn render(r: &Report<'_>) -> String {
             "work dir filesystem",
             &format!("{} (under {})", m.work_fs, o.tmp_root.display()),
         ])
-        .row(&["store engines used", &r.engines.join(", ")]);
+        .row(&["store engines used", &r.engines.join(", ")])
+        .row(&[
+            "load average at start / end",
+            &format!("{} / {}", m.loadavg, r.loadavg_end),
+        ]);
     s.push_str(&t.render());
     let _ = writeln!(
         s,
@@ -953,6 +958,7 @@ fn main() -> Result<()> {
         reads,
         dedup,
         total_secs: started.elapsed().as_secs_f64(),
+        loadavg_end: cairn_bench::loadavg(),
     };
     let md = render(&report);
     let json = json!({
@@ -975,6 +981,7 @@ fn main() -> Result<()> {
         "reads": report.reads,
         "dedup": report.dedup,
         "total_secs": report.total_secs,
+        "loadavg_end": report.loadavg_end,
     });
     work.close().context("remove the work dir")?;
 

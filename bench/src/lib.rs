@@ -335,6 +335,9 @@ pub struct MachineFacts {
     pub mem_bytes: u64,
     /// Filesystem type of the benchmark's work directory (`stat -f`).
     pub work_fs: String,
+    /// /proc/loadavg (1, 5, 15 minutes) when the facts were collected: other
+    /// work on the machine skews every figure.
+    pub loadavg: String,
 }
 
 impl MachineFacts {
@@ -373,8 +376,16 @@ impl MachineFacts {
                 Command::new("stat").args(["-f", "-c", "%T"]).arg(work_dir),
             )
             .unwrap_or_else(|| "unknown".into()),
+            loadavg: loadavg(),
         }
     }
+}
+
+/// The 1, 5 and 15 minute load averages from /proc/loadavg.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// First line of a command's stdout, trimmed; `None` if it failed.

@@ -244,9 +244,21 @@ impl Store {
                 segs.insert(no, Arc::new(s));
             }
         }
-        let next = segs.keys().next_back().map_or(0, |n| n + 1);
-        let active_seg = Arc::new(Segment::create(&seg_dir, next)?);
-        segs.insert(next, active_seg.clone());
+        // An empty last segment (a previous open that wrote nothing) has no
+        // tail to tear, so it is reused instead of piling up empty files.
+        let reusable = match segs.iter().next_back() {
+            Some((_, s)) if s.len()? == 0 => Some(s.clone()),
+            _ => None,
+        };
+        let active_seg = match reusable {
+            Some(s) => s,
+            None => {
+                let next = segs.keys().next_back().map_or(0, |n| n + 1);
+                let s = Arc::new(Segment::create(&seg_dir, next)?);
+                segs.insert(next, s.clone());
+                s
+            }
+        };
 
         let metrics = StoreMetrics::new(reg);
         metrics.segment_bytes.set(seg_bytes as i64);

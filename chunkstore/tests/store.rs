@@ -514,3 +514,31 @@ async fn async_put_and_stream() {
     assert!(e.to_string().contains("disk on fire"), "{e}");
     assert_eq!(store.objects().unwrap().len(), before);
 }
+
+/// Regression: every open created a new, empty segment file, so read-only
+/// CLI commands piled up empty files.
+#[test]
+fn read_only_opens_do_not_pile_up_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path(), StoreConfig::default()).unwrap());
+    for _ in 0..5 {
+        let s = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        s.names().unwrap();
+    }
+    let n = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    assert_eq!(n, 1);
+    // After data is written, the next open starts a fresh segment.
+    let s = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    s.put_bytes(&random(100_000, 1), &PutOptions::default())
+        .unwrap();
+    drop(s);
+    drop(Store::open(dir.path(), StoreConfig::default()).unwrap());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("segments"))
+            .unwrap()
+            .count(),
+        2
+    );
+}
