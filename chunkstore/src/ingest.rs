@@ -511,6 +511,9 @@ impl Store {
             );
         }
         db.write_opt(batch, &sync_write())?;
+        // Cache under the commit lock: GC drops cached recipes under the same
+        // lock, so a stale entry can never outlive its GC.
+        self.inner.recipes.insert(object, Arc::new(recipe.clone()));
         drop(_c);
         for (id, m) in new_metas.iter() {
             self.inner.meta_cache.insert(*id, Arc::new(m.clone()));
@@ -526,7 +529,6 @@ impl Store {
             m.logical_bytes.add(len as i64);
         }
         m.update_ratio();
-        self.inner.recipes.insert(object, Arc::new(recipe.clone()));
         drop(guard);
         drop(seg_guard);
         if let Some(budget) = self.inner.cfg.budget_bytes {
