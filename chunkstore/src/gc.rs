@@ -81,6 +81,21 @@ pub struct VerifyReport {
 }
 
 impl Store {
+    /// Every decodable `chunks` entry. Undecodable ones are skipped here;
+    /// `fsck` walks the column family itself to report them.
+    fn chunk_entries(&self) -> impl Iterator<Item = Result<(ChunkId, ChunkMeta)>> + '_ {
+        self.inner
+            .db
+            .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
+            .filter_map(|kv| match kv {
+                Err(e) => Some(Err(e.into())),
+                Ok((k, v)) => {
+                    let id = ChunkId::from_slice(&k)?;
+                    ChunkMeta::decode(&id, &v).ok().map(|m| Ok((id, m)))
+                }
+            })
+    }
+
     fn roots(&self) -> Result<(Vec<ObjectId>, Vec<ObjectId>)> {
         let pinned: Vec<_> = self.pins()?.into_iter().map(|(_, o)| o).collect();
         let named: Vec<_> = self.names()?.into_iter().map(|(_, e)| e.object).collect();
@@ -206,18 +221,8 @@ impl Store {
             // Move every chunk whose entry points into this segment.
             let mut moved: Vec<(ChunkId, ChunkMeta)> = Vec::new();
             let mut touched = Vec::new();
-            for kv in self
-                .inner
-                .db
-                .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
-            {
-                let (k, v) = kv?;
-                let Some(id) = ChunkId::from_slice(&k) else {
-                    continue;
-                };
-                let Ok(meta) = ChunkMeta::decode(&id, &v) else {
-                    continue;
-                };
+            for entry in self.chunk_entries() {
+                let (id, meta) = entry?;
                 let Location::Segment { seg: s, .. } = meta.loc else {
                     continue;
                 };
@@ -321,18 +326,8 @@ impl Store {
         let atime = self.inner.atime.lock().clone();
         let mut candidates = Vec::new();
         let mut live_per_seg: HashMap<u32, u64> = HashMap::new();
-        for kv in self
-            .inner
-            .db
-            .iterator_cf(self.cf(index::CF_CHUNKS), IteratorMode::Start)
-        {
-            let (k, v) = kv?;
-            let Some(id) = ChunkId::from_slice(&k) else {
-                continue;
-            };
-            let Ok(meta) = ChunkMeta::decode(&id, &v) else {
-                continue;
-            };
+        for entry in self.chunk_entries() {
+            let (id, meta) = entry?;
             if let Location::Segment {
                 seg, stored_len, ..
             } = meta.loc
