@@ -35,8 +35,8 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context as _, Result};
 use cairn_bench::{
     aligned_offsets, command_prefix_to_file, gbps, human_bytes, median, pass_fail, plain_write,
-    read_fully, regular_files, run_reads, time, today, write_random_file, write_results,
-    LatencySummary, MachineFacts, MdTable, GIB, KIB, MIB,
+    read_fully, read_geometry, regular_files, run_reads, time, today, write_random_file,
+    write_results, LatencySummary, MachineFacts, MdTable, ReadGeometry, GIB, KIB, MIB,
 };
 use cairn_chunkstore::chunker::chunk_boundaries;
 use cairn_chunkstore::{ChunkerConfig, EngineKind, PutOptions, PutResult, Store, StoreConfig};
@@ -357,10 +357,11 @@ struct ReadsResult {
     /// Chunks of the same bytes stored with fixed-size chunks (context rows).
     fixed_chunk_len: u32,
     fixed_geometry: ReadGeometry,
+    /// BLAKE3 of one 4 KiB buffer in memory, ns (median of 5 batches).
+    blake3_4k_ns: f64,
     rows: Vec<ReadRow>,
     notes: Vec<String>,
 }
-
 
 struct CairnConfig {
     label: &'static str,
@@ -376,7 +377,10 @@ struct CairnConfig {
 const FIXED_CHUNK: u32 = 64 << 10;
 
 fn spans(chunks: &[cairn_chunkstore::recipe::ChunkRef]) -> Vec<(u64, u64)> {
-    chunks.iter().map(|c| (c.offset, u64::from(c.len))).collect()
+    chunks
+        .iter()
+        .map(|c| (c.offset, u64::from(c.len)))
+        .collect()
 }
 
 fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsResult> {
@@ -394,8 +398,16 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
         };
         let fixed = store.put_reader(File::open(plain_path)?, &fixed_opts)?;
         let warm = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_WARM);
-        let geo = read_geometry(&spans(store.open_object(&put.object)?.recipe().chunks()), &warm, READ_LEN as u64);
-        let fgeo = read_geometry(&spans(store.open_object(&fixed.object)?.recipe().chunks()), &warm, READ_LEN as u64);
+        let geo = read_geometry(
+            &spans(store.open_object(&put.object)?.recipe().chunks()),
+            &warm,
+            READ_LEN as u64,
+        );
+        let fgeo = read_geometry(
+            &spans(store.open_object(&fixed.object)?.recipe().chunks()),
+            &warm,
+            READ_LEN as u64,
+        );
         (put.object, put.chunks, fixed.object, geo, fgeo)
     };
     // The plain file gets the same page-cache treatment as the segments,
@@ -404,6 +416,19 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
     let cold = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_COLD);
     let warm = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_WARM);
     let plain = File::open(plain_path)?;
+    // The per-group verification cost floor, in memory.
+    let group = cairn_bench::random_bytes(READ_LEN, 4);
+    let per_batch: Vec<f64> = (0..5)
+        .map(|_| {
+            let (d, ()) = time(|| {
+                for _ in 0..50_000 {
+                    std::hint::black_box(blake3::hash(std::hint::black_box(&group)));
+                }
+            });
+            d.as_nanos() as f64 / 50_000.0
+        })
+        .collect();
+    let blake3_4k_ns = median(&per_batch);
 
     let mut notes = Vec::new();
     let uring_ok = match Store::open(&store_dir, store_cfg(EngineKind::Uring, true)) {
@@ -525,6 +550,7 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
         geometry,
         fixed_chunk_len: FIXED_CHUNK,
         fixed_geometry,
+        blake3_4k_ns,
         rows,
         notes,
     })
@@ -907,6 +933,14 @@ fn render(r: &Report<'_>) -> String {
         ]);
     }
     s.push_str(&t.render());
+    let _ = writeln!(
+        s,
+        "\nBLAKE3 of one 4 KiB group in memory: {:.0} ns (so {:.2} groups per read cost ≈ {:.1} µs of hashing alone, vs a pread p50 of {} µs).",
+        rd.blake3_4k_ns,
+        rd.geometry.mean_groups,
+        rd.blake3_4k_ns * rd.geometry.mean_groups / 1e3,
+        rd.rows.iter().find(|r| r.engine == "pread" && r.threads == 1 && r.pass == "warm").map_or("?".into(), |r| us(r.summary.p50_ns)),
+    );
     for n in &rd.notes {
         let _ = writeln!(s, "\nNote: {n}");
     }

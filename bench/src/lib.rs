@@ -126,6 +126,57 @@ pub fn aligned_offsets(len: u64, read_len: u64, n: usize, seed: u64) -> Vec<u64>
     (0..n).map(|_| rng.gen_range(0..slots) * align).collect()
 }
 
+/// Where reads land relative to chunk boundaries and to the 4 KiB
+/// verification groups inside each chunk. Cairn verifies a chunk in 4 KiB
+/// groups counted from the chunk's own start, so a read aligned in the
+/// object is group-aligned only when its chunk starts on a 4 KiB boundary.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ReadGeometry {
+    /// Fraction of reads inside one chunk that start and end on its group
+    /// boundaries (or the chunk's end).
+    pub group_aligned: f64,
+    /// Fraction of reads that touch more than one chunk.
+    pub cross_chunk: f64,
+    /// Mean 4 KiB groups a read has to fetch and hash.
+    pub mean_groups: f64,
+    /// Fraction of chunks that start at a 4 KiB-aligned object offset.
+    pub chunks_aligned: f64,
+}
+
+/// Classify reads of `read_len` bytes at `offsets` against `chunks`, given
+/// as ascending, contiguous `(offset, len)` spans of the object.
+pub fn read_geometry(chunks: &[(u64, u64)], offsets: &[u64], read_len: u64) -> ReadGeometry {
+    let g = 4 * KIB;
+    let (mut aligned, mut cross, mut groups) = (0u64, 0u64, 0u64);
+    for &off in offsets {
+        let end = off + read_len;
+        let mut i = chunks.partition_point(|&(o, l)| o + l <= off);
+        let (mut touched, mut pos) = (0, off);
+        while pos < end && i < chunks.len() {
+            let (c_off, c_len) = chunks[i];
+            let (s, e) = (pos - c_off, (end - c_off).min(c_len));
+            groups += e.div_ceil(g) - s / g;
+            if touched == 0 && s % g == 0 && (e % g == 0 || e == c_len) && c_off + e == end {
+                aligned += 1;
+            }
+            touched += 1;
+            pos = c_off + e;
+            i += 1;
+        }
+        if touched > 1 {
+            cross += 1;
+        }
+    }
+    let n = offsets.len().max(1) as f64;
+    ReadGeometry {
+        group_aligned: aligned as f64 / n,
+        cross_chunk: cross as f64 / n,
+        mean_groups: groups as f64 / n,
+        chunks_aligned: chunks.iter().filter(|c| c.0 % g == 0).count() as f64
+            / chunks.len().max(1) as f64,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Timing and statistics
 // ---------------------------------------------------------------------------
@@ -596,6 +647,31 @@ mod tests {
         assert_eq!(n, 1000);
         assert_eq!(fs::read(&p)?.len(), 1000);
         Ok(())
+    }
+
+    #[test]
+    fn geometry_of_aligned_and_unaligned_chunks() {
+        // Two 64 KiB chunks: every 4 KiB-aligned read is group-aligned.
+        let fixed = [(0, 65_536), (65_536, 65_536)];
+        let g = read_geometry(&fixed, &[0, 4096, 61_440, 65_536], 4096);
+        assert_eq!(
+            (
+                g.group_aligned,
+                g.cross_chunk,
+                g.mean_groups,
+                g.chunks_aligned
+            ),
+            (1.0, 0.0, 1.0, 1.0)
+        );
+        // Second chunk starts at 100: reads inside it span two groups, and
+        // a read over the boundary touches both chunks.
+        let cdc = [(0, 100), (100, 100_000)];
+        let g = read_geometry(&cdc, &[8192, 0], 4096);
+        assert_eq!(g.group_aligned, 0.0);
+        assert_eq!(g.cross_chunk, 0.5);
+        // 8192: groups 1..=2 of chunk 2 (2 groups); 0: chunk 1 whole (1 group) + group 0 of chunk 2.
+        assert_eq!(g.mean_groups, 2.0);
+        assert_eq!(g.chunks_aligned, 0.5);
     }
 
     #[test]
