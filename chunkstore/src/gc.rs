@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::error::{IoContext, Result, StoreError};
-use crate::index::{self, ChunkMeta, Location, NameEntry};
+use crate::index::{self, ChunkMeta, Location};
 use crate::recipe::Recipe;
 use crate::segment;
 use crate::store::{sync_write, Store};
@@ -488,7 +488,6 @@ impl Store {
                     .saturating_sub(live_per_seg.get(&s.no).copied().unwrap_or(0));
             }
         }
-        let _ = NameEntry::decode; // names are decoded by `names()` above
         Ok(r)
     }
 
