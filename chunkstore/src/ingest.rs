@@ -31,7 +31,7 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::index::{self, ChunkMeta, Location, NameEntry, ObjectInfo};
 use crate::recipe::Recipe;
 use crate::segment::{self, ActiveSegment, Segment};
-use crate::store::{sync_write, InUse, Inner, Store};
+use crate::store::{now_ms, sync_write, InUse, Inner, Store};
 use crate::{ChunkId, ObjectId};
 
 /// Read buffer size for ingest.
@@ -548,13 +548,6 @@ impl Store {
             blake3: d.blake3,
         })
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct Chunking<'a> {

@@ -165,8 +165,8 @@ impl Drop for InUse {
     }
 }
 
-/// What `resolve` accepts: an object id, a name, or a digest.
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds, for name update times.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
