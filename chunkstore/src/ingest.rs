@@ -142,37 +142,10 @@ struct Written {
 }
 
 /// Marks segments as holding uncommitted chunks until dropped (after commit).
-pub(crate) struct SegWriters {
-    inner: Arc<Inner>,
-    segs: Vec<u32>,
-}
+pub(crate) type SegWriters = crate::store::Held<u32>;
 
-impl SegWriters {
-    pub(crate) fn new(inner: &Arc<Inner>) -> Self {
-        Self {
-            inner: inner.clone(),
-            segs: Vec::new(),
-        }
-    }
-
-    pub(crate) fn add(&mut self, seg: u32) {
-        *self.inner.seg_writers.lock().entry(seg).or_insert(0) += 1;
-        self.segs.push(seg);
-    }
-}
-
-impl Drop for SegWriters {
-    fn drop(&mut self) {
-        let mut m = self.inner.seg_writers.lock();
-        for s in &self.segs {
-            if let Some(n) = m.get_mut(s) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(s);
-                }
-            }
-        }
-    }
+fn seg_writers(inner: &Arc<Inner>) -> SegWriters {
+    SegWriters::new(inner, |i| &i.seg_writers)
 }
 
 fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle<Result<Written>> {
@@ -181,7 +154,7 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
         .spawn(move || {
             let mut metas = Vec::new();
             let mut touched: Vec<Arc<Segment>> = Vec::new();
-            let mut seg_guard = SegWriters::new(&inner);
+            let mut seg_guard = seg_writers(&inner);
             let mut stored = 0u64;
             let mut since_writeback = 0u64;
             let engine = inner.engine.as_ref();
@@ -293,7 +266,7 @@ impl Store {
         let mut state = Chunking {
             store: self,
             recipe: Recipe::new(),
-            guard: InUse::new(&self.inner),
+            guard: InUse::chunks(&self.inner),
             seen: HashSet::new(),
             inline: Vec::new(),
             new_bytes: 0,

@@ -105,7 +105,7 @@ pub(crate) struct Inner {
     /// Segments holding chunks of ingests not yet committed; compaction
     /// leaves them alone, or it would delete bytes an index entry is about
     /// to point at.
-    pub(crate) seg_writers: Mutex<HashMap<u32, usize>>,
+    pub(crate) seg_writers: Mutex<HashMap<u32, u32>>,
     pub(crate) commit_lock: RwLock<()>,
     pub(crate) gc_lock: Mutex<()>,
     pub(crate) atime: Mutex<HashMap<ChunkId, u64>>,
@@ -122,46 +122,64 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// Keeps chunks registered as in use until dropped.
-#[derive(Debug)]
-pub(crate) struct InUse {
+/// A reference-counted registration in one of the store's "held" maps
+/// (chunks in use, segments with uncommitted writes), released on drop.
+pub(crate) struct Held<K: Copy + Eq + std::hash::Hash> {
     store: Arc<Inner>,
-    ids: Vec<ChunkId>,
+    map: fn(&Inner) -> &Mutex<HashMap<K, u32>>,
+    keys: Vec<K>,
 }
 
-impl InUse {
-    pub(crate) fn new(store: &Arc<Inner>) -> Self {
+impl<K: Copy + Eq + std::hash::Hash> std::fmt::Debug for Held<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Held<K> {
+    pub(crate) fn new(store: &Arc<Inner>, map: fn(&Inner) -> &Mutex<HashMap<K, u32>>) -> Self {
         Self {
             store: store.clone(),
-            ids: Vec::new(),
+            map,
+            keys: Vec::new(),
         }
     }
 
-    pub(crate) fn add(&mut self, id: ChunkId) {
-        *self.store.in_use.lock().entry(id).or_insert(0) += 1;
-        self.ids.push(id);
+    pub(crate) fn add(&mut self, key: K) {
+        self.add_all(std::iter::once(key));
     }
 
-    pub(crate) fn add_all(&mut self, ids: impl Iterator<Item = ChunkId>) {
-        let mut m = self.store.in_use.lock();
-        for id in ids {
-            *m.entry(id).or_insert(0) += 1;
-            self.ids.push(id);
+    pub(crate) fn add_all(&mut self, keys: impl Iterator<Item = K>) {
+        let mut m = (self.map)(&self.store).lock();
+        for k in keys {
+            *m.entry(k).or_insert(0) += 1;
+            self.keys.push(k);
         }
     }
 }
 
-impl Drop for InUse {
+impl<K: Copy + Eq + std::hash::Hash> Drop for Held<K> {
     fn drop(&mut self) {
-        let mut m = self.store.in_use.lock();
-        for id in &self.ids {
-            if let Some(n) = m.get_mut(id) {
+        let mut m = (self.map)(&self.store).lock();
+        for k in &self.keys {
+            if let Some(n) = m.get_mut(k) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(id);
+                    m.remove(k);
                 }
             }
         }
+    }
+}
+
+/// Chunks registered as in use until dropped.
+pub(crate) type InUse = Held<ChunkId>;
+
+impl InUse {
+    pub(crate) fn chunks(store: &Arc<Inner>) -> Self {
+        Held::new(store, |i| &i.in_use)
     }
 }
 
@@ -658,7 +676,7 @@ impl Store {
     /// leave its chunks alone.
     pub fn open_object(&self, id: &ObjectId) -> Result<ObjectHandle> {
         let recipe = self.recipe(id)?;
-        let mut guard = InUse::new(&self.inner);
+        let mut guard = InUse::chunks(&self.inner);
         guard.add_all(recipe.chunks().iter().map(|c| c.id));
         // GC deletes an unreferenced recipe and its chunks in one batch while
         // holding `in_use`. Seeing the recipe still in the index after our
