@@ -144,7 +144,7 @@ struct Written {
 /// Marks segments as holding uncommitted chunks until dropped (after commit).
 pub(crate) type SegWriters = crate::store::Held<u32>;
 
-fn seg_writers(inner: &Arc<Inner>) -> SegWriters {
+pub(crate) fn seg_writers(inner: &Arc<Inner>) -> SegWriters {
     SegWriters::new(inner, |i| &i.seg_writers)
 }
 
@@ -157,69 +157,20 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
             let mut seg_guard = seg_writers(&inner);
             let mut stored = 0u64;
             let mut since_writeback = 0u64;
-            let engine = inner.engine.as_ref();
             for (id, data) in rx {
-                let compressed = if inner.cfg.compress {
-                    zstd::bulk::compress(&data, 1)
-                        .ok()
-                        .filter(|c| c.len() * 10 <= data.len() * 9)
-                } else {
-                    None
-                };
-                let (payload, flags): (&[u8], u8) = match &compressed {
-                    Some(c) => (c, segment::FLAG_ZSTD),
-                    None => (&data, 0),
-                };
-                let header =
-                    segment::encode_header(&id, flags, data.len() as u32, payload.len() as u32);
-                let (seg_no, offset) = {
-                    let mut active = inner.active.lock();
-                    if active.len + (segment::HEADER_LEN + payload.len()) as u64
-                        > inner.cfg.segment_bytes
-                        && active.len > 0
-                    {
-                        roll(&inner, &mut active)?;
-                    }
-                    let off = active.append(engine, &header, payload)?;
-                    if !touched.iter().any(|s| Arc::ptr_eq(s, &active.seg)) {
-                        // Registered under the active lock, while this is
-                        // still the active segment, so compaction sees it.
-                        seg_guard.add(active.seg.no);
-                        touched.push(active.seg.clone());
-                    }
-                    (active.seg.no, off)
-                };
-                inner
-                    .metrics
-                    .segment_bytes
-                    .add((segment::HEADER_LEN + payload.len()) as i64);
-                stored += payload.len() as u64;
-                since_writeback += payload.len() as u64;
+                let (meta, payload_len) =
+                    append_chunk(&inner, &mut touched, &mut seg_guard, &id, &data)?;
+                stored += payload_len;
+                since_writeback += payload_len;
                 if since_writeback >= WRITEBACK_EVERY {
                     since_writeback = 0;
                     if let Some(s) = touched.last() {
                         start_writeback(&s.file);
                     }
                 }
-                metas.push((
-                    id,
-                    ChunkMeta {
-                        raw_len: data.len() as u32,
-                        compressed: compressed.is_some(),
-                        loc: Location::Segment {
-                            seg: seg_no,
-                            offset,
-                            stored_len: payload.len() as u32,
-                        },
-                    },
-                ));
+                metas.push((id, meta));
             }
-            inner.active.lock().flush(engine)?;
-            for s in &touched {
-                engine
-                    .sync_data(&s.file)
-                    .ctx(|| format!("fdatasync {}", s.path.display()))?;
-            }
+            sync_segments(&inner, &touched)?;
             Ok(Written {
                 metas,
                 stored,
@@ -227,6 +178,74 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
             })
         })
         .unwrap_or_else(|e| spawn_failed(e))
+}
+
+/// Append one chunk (compressed when that pays) to the active segment,
+/// rolling to a new segment when full. The segment is registered in
+/// `seg_guard` so compaction leaves it alone until the caller commits.
+/// Returns the chunk's index entry and the payload bytes written.
+pub(crate) fn append_chunk(
+    inner: &Arc<Inner>,
+    touched: &mut Vec<Arc<Segment>>,
+    seg_guard: &mut SegWriters,
+    id: &ChunkId,
+    data: &[u8],
+) -> Result<(ChunkMeta, u64)> {
+    let engine = inner.engine.as_ref();
+    let compressed = if inner.cfg.compress {
+        zstd::bulk::compress(data, 1)
+            .ok()
+            .filter(|c| c.len() * 10 <= data.len() * 9)
+    } else {
+        None
+    };
+    let (payload, flags): (&[u8], u8) = match &compressed {
+        Some(c) => (c, segment::FLAG_ZSTD),
+        None => (data, 0),
+    };
+    let header = segment::encode_header(id, flags, data.len() as u32, payload.len() as u32);
+    let (seg_no, offset) = {
+        let mut active = inner.active.lock();
+        if active.len + (segment::HEADER_LEN + payload.len()) as u64 > inner.cfg.segment_bytes
+            && active.len > 0
+        {
+            roll(inner, &mut active)?;
+        }
+        let off = active.append(engine, &header, payload)?;
+        if !touched.iter().any(|s| Arc::ptr_eq(s, &active.seg)) {
+            // Registered under the active lock, while this is still the
+            // active segment, so compaction sees it.
+            seg_guard.add(active.seg.no);
+            touched.push(active.seg.clone());
+        }
+        (active.seg.no, off)
+    };
+    inner
+        .metrics
+        .segment_bytes
+        .add((segment::HEADER_LEN + payload.len()) as i64);
+    let meta = ChunkMeta {
+        raw_len: data.len() as u32,
+        compressed: compressed.is_some(),
+        loc: Location::Segment {
+            seg: seg_no,
+            offset,
+            stored_len: payload.len() as u32,
+        },
+    };
+    Ok((meta, payload.len() as u64))
+}
+
+/// Flush the active segment and fdatasync every segment in `touched`.
+pub(crate) fn sync_segments(inner: &Inner, touched: &[Arc<Segment>]) -> Result<()> {
+    let engine = inner.engine.as_ref();
+    inner.active.lock().flush(engine)?;
+    for s in touched {
+        engine
+            .sync_data(&s.file)
+            .ctx(|| format!("fdatasync {}", s.path.display()))?;
+    }
+    Ok(())
 }
 
 /// Start (not wait for) writeback of a file's dirty pages, so that the

@@ -19,24 +19,44 @@
 #![deny(missing_docs)]
 
 pub mod chunker;
+#[cfg(feature = "store")]
 pub mod engine;
+#[cfg(feature = "store")]
 mod error;
+#[cfg(feature = "store")]
 mod gc;
 mod id;
+#[cfg(feature = "store")]
 pub mod index;
+#[cfg(feature = "store")]
 mod ingest;
+#[cfg(feature = "store")]
 mod metrics;
 pub mod outboard;
 pub mod recipe;
+#[cfg(feature = "store")]
+mod remote;
+#[cfg(feature = "store")]
 pub mod segment;
+#[cfg(feature = "store")]
 mod store;
+mod verified;
 
 pub use chunker::{Chunker, ChunkerConfig};
+#[cfg(feature = "store")]
 pub use engine::EngineKind;
+#[cfg(feature = "store")]
 pub use error::{Result, StoreError};
+#[cfg(feature = "store")]
 pub use gc::{FsckReport, GcReport, VerifyReport};
 pub use id::{ChunkId, ObjectId, ParseIdError};
+#[cfg(feature = "store")]
 pub use ingest::{PutOptions, PutResult};
+#[cfg(feature = "store")]
 pub use metrics::StoreMetrics;
-pub use recipe::Recipe;
+pub use recipe::{ChunkRef, Recipe};
+#[cfg(feature = "store")]
+pub use remote::PutChunksResult;
+#[cfg(feature = "store")]
 pub use store::{ObjectHandle, ObjectReader, ObjectStat, Store, StoreConfig, StoreSummary};
+pub use verified::{VerifiedChunk, VerifyError};
