@@ -12,6 +12,8 @@ use cairn_node::chunkstore::{EngineKind, PutOptions, Store, StoreConfig};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod cluster;
+mod node_cmd;
 mod size;
 
 /// Cairn: the data plane of an edge cloud.
@@ -32,6 +34,12 @@ struct Cli {
 enum Cmd {
     /// Work on a local chunk store directly (no daemon needed).
     Store(StoreArgs),
+    /// Create a cluster CA and issue node identities for mutual TLS.
+    Cluster(cluster::ClusterArgs),
+    /// Run a node: serve the local store to peers over QUIC until Ctrl-C.
+    Node(node_cmd::NodeArgs),
+    /// Fetch an object from peers into the local store, verifying every chunk.
+    Fetch(node_cmd::FetchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,10 +144,13 @@ fn init_logging(cli: &Cli) {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Store(args) => store_cmd(args),
+        Cmd::Cluster(args) => cluster::run(args),
+        Cmd::Node(args) => node_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Fetch(args) => node_cmd::run_fetch(args).map(|()| ExitCode::SUCCESS),
     }
 }
 
-fn bar(total: u64, what: &str) -> ProgressBar {
+pub(crate) fn bar(total: u64, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() || total < (64 << 20) {
         return ProgressBar::hidden();
     }

@@ -1,0 +1,498 @@
+//! The serving side: answers `cairn/1` requests from peers out of a
+//! [`ChunkSource`] (normally the local chunk store).
+//!
+//! One task per connection, one task per stream. A frame that does not
+//! decode resets that stream with its error code; the connection and the
+//! node carry on (invariant 5). Every task stops on the cancellation token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use cairn_chunkstore::{Recipe, Store, StoreError};
+use quinn::VarInt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::TransportMetrics;
+use crate::tls::{self, Refusals};
+use crate::wire::{self, ErrorCode, Hello, ObjectKey, Request, Response};
+use crate::{ChunkId, ObjectId};
+
+/// Something went wrong reading from a [`ChunkSource`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+/// An object a source can describe.
+#[derive(Debug, Clone)]
+pub struct SourceObject {
+    /// Its id.
+    pub id: ObjectId,
+    /// Its recipe.
+    pub recipe: Arc<Recipe>,
+    /// sha256 of its bytes, hex, or empty when not known.
+    pub sha256: String,
+}
+
+/// Where a server gets what it serves. Implementations must return only
+/// bytes that match their id (the chunk store verifies every read).
+/// Methods block; the server calls them on blocking threads.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// The chunk's bytes, or `None` when it is not here (or was found
+    /// corrupt and moved aside).
+    fn chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError>;
+    /// Whether the chunk is here.
+    fn has(&self, id: &ChunkId) -> Result<bool, SourceError>;
+    /// Look an object up by id, digest or name.
+    fn object(&self, key: &ObjectKey) -> Result<Option<SourceObject>, SourceError>;
+}
+
+impl ChunkSource for Store {
+    fn chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
+        match self.read_chunk(id) {
+            Ok(b) => Ok(Some(b)),
+            // A corrupt chunk has been quarantined: for peers it is missing.
+            Err(StoreError::ChunkMissing(_)) | Err(StoreError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(SourceError(e.to_string())),
+        }
+    }
+
+    fn has(&self, id: &ChunkId) -> Result<bool, SourceError> {
+        self.has_chunk(id).map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn object(&self, key: &ObjectKey) -> Result<Option<SourceObject>, SourceError> {
+        let what = match key {
+            ObjectKey::Id(id) => id.to_string(),
+            ObjectKey::Digest(d) | ObjectKey::Name(d) => d.clone(),
+        };
+        let id = match self.resolve(&what) {
+            Ok(id) => id,
+            Err(StoreError::NoSuchObject(_)) => return Ok(None),
+            Err(e) => return Err(SourceError(e.to_string())),
+        };
+        let recipe = match self.try_recipe(&id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(SourceError(e.to_string())),
+        };
+        let sha256 = self.object_info(&id).map(|i| i.sha256).unwrap_or_default();
+        Ok(Some(SourceObject { id, recipe, sha256 }))
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// What we say in `Hello`.
+    pub hello: Hello,
+    /// Offer zstd on the wire to clients that accept it (chunks are sent
+    /// compressed only when that saves at least 10%).
+    pub wire_zstd: bool,
+}
+
+/// A running server. Stops when its token is cancelled.
+#[derive(Debug)]
+pub struct Server {
+    task: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+}
+
+struct Ctx {
+    source: Arc<dyn ChunkSource>,
+    cfg: ServerConfig,
+    metrics: TransportMetrics,
+    refusals: Refusals,
+    cancel: CancellationToken,
+}
+
+impl Server {
+    /// Serve peers arriving at `endpoint` from `source` until `cancel`.
+    pub fn spawn(
+        endpoint: quinn::Endpoint,
+        source: Arc<dyn ChunkSource>,
+        cfg: ServerConfig,
+        metrics: TransportMetrics,
+        refusals: Refusals,
+        cancel: CancellationToken,
+    ) -> Self {
+        let ctx = Arc::new(Ctx {
+            source,
+            cfg,
+            metrics,
+            refusals,
+            cancel: cancel.clone(),
+        });
+        let task = tokio::spawn(accept_loop(endpoint, ctx));
+        Self { task, cancel }
+    }
+
+    /// Stop accepting and wait for the accept loop to end. Streams in
+    /// progress see the token and stop too.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.cancel.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break, // endpoint closed
+            },
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                c = incoming => c,
+            };
+            match conn {
+                Ok(conn) => {
+                    ctx.metrics.connections.with_label_values(&["in"]).inc();
+                    let peer = tls::peer_name(&conn).unwrap_or_default();
+                    debug!(%remote, %peer, "peer connected");
+                    serve_connection(conn, remote, ctx).await;
+                }
+                Err(e) => {
+                    if let Some(reason) = tls::refusal_reason(&e) {
+                        ctx.refusals.count(reason);
+                        warn!(%remote, reason, error = %e, "handshake refused");
+                    } else {
+                        debug!(%remote, error = %e, "incoming connection failed");
+                    }
+                }
+            }
+        });
+    }
+    debug!("accept loop stopped");
+}
+
+async fn serve_connection(conn: quinn::Connection, remote: SocketAddr, ctx: Arc<Ctx>) {
+    let peer = remote.to_string();
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = ctx.cancel.cancelled() => {
+                conn.close(VarInt::from_u32(0), b"shutting down");
+                return;
+            }
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(%remote, error = %e, "connection ended");
+                    return;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => {}
+                _ = serve_stream(send, recv, &peer, &ctx) => {}
+            }
+        });
+    }
+}
+
+/// Read one request frame. `Err` carries the wire error to reset with.
+pub(crate) async fn read_request(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Request>, wire::WireError> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(r) = wire::decode_request(&mut buf)? {
+            return Ok(Some(r));
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(None) if buf.is_empty() => return Ok(None),
+            Ok(None) => return Err(wire::WireError::Truncated(buf.len())),
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+fn code(c: ErrorCode) -> VarInt {
+    VarInt::from_u32(u32::from(c.as_u16()))
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: &str,
+    ctx: &Ctx,
+) {
+    let req = match read_request(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            ctx.metrics.bad_frames.inc();
+            warn!(peer, error = %e, "bad request frame; closing the stream");
+            let c = code(e.code());
+            let _ = recv.stop(c);
+            // Say why before resetting: the peer may be a confused client.
+            let mut out = BytesMut::new();
+            wire::encode_response(
+                &Response::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+                &mut out,
+            );
+            let _ = send.write_all(&out).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let res = match req {
+        Request::Hello(h) => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["hello"])
+                .inc();
+            debug!(peer, node = %h.node, site = %h.site, version = h.version, "hello");
+            send_frames(&mut send, &[Response::Hello(ctx.cfg.hello.clone())]).await
+        }
+        Request::Ping { nonce } => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["ping"])
+                .inc();
+            send_frames(&mut send, &[Response::Pong { nonce }]).await
+        }
+        Request::Have { ids } => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["have"])
+                .inc();
+            serve_have(&mut send, ids, ctx).await
+        }
+        Request::GetObject { key, priority } => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["get_object"])
+                .inc();
+            send.set_priority(priority.stream_priority()).ok();
+            serve_object(&mut send, key, ctx).await
+        }
+        Request::GetChunks {
+            ids,
+            priority,
+            accept_zstd,
+        } => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["get_chunks"])
+                .inc();
+            send.set_priority(priority.stream_priority()).ok();
+            serve_chunks(&mut send, ids, accept_zstd && ctx.cfg.wire_zstd, peer, ctx).await
+        }
+    };
+    match res {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => debug!(peer, error = %e, "stream ended early"),
+    }
+}
+
+async fn send_frames(send: &mut quinn::SendStream, frames: &[Response]) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    for f in frames {
+        wire::encode_response(f, &mut out);
+    }
+    send.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SourceError(format!("source task failed: {e}")))?
+}
+
+async fn serve_have(
+    send: &mut quinn::SendStream,
+    ids: Vec<ChunkId>,
+    ctx: &Ctx,
+) -> Result<(), String> {
+    let source = ctx.source.clone();
+    let count = ids.len() as u32;
+    let res = blocking(move || {
+        let mut bits = vec![0u8; ids.len().div_ceil(8)];
+        for (i, id) in ids.iter().enumerate() {
+            if source.has(id)? {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        Ok(bits)
+    })
+    .await;
+    match res {
+        Ok(bits) => {
+            send_frames(
+                send,
+                &[Response::HaveBitmap {
+                    count,
+                    bits: Bytes::from(bits),
+                }],
+            )
+            .await
+        }
+        Err(e) => internal(send, e).await,
+    }
+}
+
+async fn internal(send: &mut quinn::SendStream, e: SourceError) -> Result<(), String> {
+    warn!(error = %e, "serving failed");
+    send_frames(
+        send,
+        &[Response::Error {
+            code: ErrorCode::Internal,
+            message: truncate(e.0),
+        }],
+    )
+    .await
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > wire::MAX_STRING {
+        let mut end = wire::MAX_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+async fn serve_object(
+    send: &mut quinn::SendStream,
+    key: ObjectKey,
+    ctx: &Ctx,
+) -> Result<(), String> {
+    let source = ctx.source.clone();
+    let k = key.clone();
+    match blocking(move || source.object(&k)).await {
+        Ok(Some(obj)) => {
+            let enc = obj.recipe.encode();
+            let mut frames = vec![Response::ObjectHeader {
+                id: obj.id,
+                len: obj.recipe.total_len(),
+                recipe_len: enc.len() as u64,
+                sha256: obj.sha256,
+            }];
+            let enc = Bytes::from(enc);
+            let mut off = 0;
+            while off < enc.len() {
+                let end = (off + wire::MAX_RECIPE_PART).min(enc.len());
+                frames.push(Response::RecipePart(enc.slice(off..end)));
+                off = end;
+            }
+            frames.push(Response::End);
+            send_frames(send, &frames).await
+        }
+        Ok(None) => {
+            send_frames(
+                send,
+                &[Response::Error {
+                    code: ErrorCode::NotFound,
+                    message: truncate(format!("no object {key:?} here")),
+                }],
+            )
+            .await
+        }
+        Err(e) => internal(send, e).await,
+    }
+}
+
+/// Stop trying zstd on a stream after this many chunks in a row that did
+/// not shrink by 10%: incompressible data (most image layers) costs no CPU.
+const ZSTD_GIVE_UP: u32 = 8;
+
+async fn serve_chunks(
+    send: &mut quinn::SendStream,
+    ids: Vec<ChunkId>,
+    mut zstd: bool,
+    peer: &str,
+    ctx: &Ctx,
+) -> Result<(), String> {
+    // Reads run on a blocking thread a few chunks ahead of the network.
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(ChunkId, Result<Option<Bytes>, SourceError>)>(4);
+    let source = ctx.source.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        for id in ids {
+            let r = source.chunk(&id);
+            if tx.blocking_send((id, r)).is_err() {
+                break;
+            }
+        }
+    });
+    let bytes_out = ctx.metrics.bytes_out.with_label_values(&[peer]);
+    let mut misses = 0u32;
+    let mut res = Ok(());
+    while let Some((id, r)) = rx.recv().await {
+        let data = match r {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                res = send_frames(send, &[Response::Missing { id }]).await;
+                if res.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => {
+                res = internal(send, e).await;
+                break;
+            }
+        };
+        let mut payload = data.clone();
+        let mut compressed = false;
+        if zstd {
+            match zstd::bulk::compress(&data, 1) {
+                Ok(c) if c.len() * 10 <= data.len() * 9 => {
+                    payload = Bytes::from(c);
+                    compressed = true;
+                    misses = 0;
+                }
+                _ => {
+                    misses += 1;
+                    if misses >= ZSTD_GIVE_UP {
+                        zstd = false;
+                    }
+                }
+            }
+        }
+        let header = wire::chunk_frame_header(&id, data.len() as u32, compressed, payload.len());
+        let n = payload.len() as u64;
+        if let Err(e) = send.write_all(&header).await {
+            res = Err(e.to_string());
+            break;
+        }
+        if let Err(e) = send.write_chunk(payload).await {
+            res = Err(e.to_string());
+            break;
+        }
+        bytes_out.inc_by(n);
+        ctx.metrics.chunks_served.inc();
+    }
+    drop(rx);
+    let _ = reader.await;
+    res?;
+    send_frames(send, &[Response::End]).await
+}
+
+/// Log line for a started server.
+pub fn log_listening(endpoint: &quinn::Endpoint, node: &str) {
+    if let Ok(addr) = endpoint.local_addr() {
+        info!(%addr, node, "serving cairn/1");
+    }
+}
