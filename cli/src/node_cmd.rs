@@ -2,23 +2,25 @@
 //! peers).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cairn_node::chunkstore::{EngineKind, StoreConfig};
+use cairn_node::chunkstore::EngineKind;
 use cairn_node::transport::wire::{ObjectKey, Priority};
 use cairn_node::transport::{Congestion, PeerAddr};
-use cairn_node::{Node, NodeConfig};
+use cairn_node::{config, FileConfig, Node, NodeConfig};
 
-use crate::size;
-
-/// Flags shared by `node` and `fetch`.
+/// Flags shared by `node` and `fetch`. Each overrides the config file, which
+/// overrides the built-in defaults.
 #[derive(Debug, clap::Args)]
 pub(crate) struct NodeFlags {
-    /// Data directory (the chunk store); created if missing.
-    #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
-    data_dir: PathBuf,
+    /// TOML config file (see cairn.example.toml).
+    #[arg(long, env = "CAIRN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (the chunk store); created if missing [default: cairn-data].
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Node identity from `cairn cluster add-node` (DIR/NAME). Without it the
     /// node is a throw-away single-node cluster.
     #[arg(long, env = "CAIRN_IDENTITY")]
@@ -26,14 +28,14 @@ pub(crate) struct NodeFlags {
     /// Refuse this node name, in either direction (repeatable).
     #[arg(long = "deny", value_name = "NAME")]
     deny: Vec<String>,
-    /// Congestion controller for QUIC connections.
-    #[arg(long, default_value = "cubic")]
-    congestion: Congestion,
-    /// I/O engine for segment files.
-    #[arg(long, default_value = "auto")]
-    engine: EngineKind,
+    /// Congestion controller for QUIC connections: cubic or bbr [default: cubic].
+    #[arg(long)]
+    congestion: Option<Congestion>,
+    /// I/O engine for segment files [default: auto].
+    #[arg(long)]
+    engine: Option<EngineKind>,
     /// Byte budget for chunk payloads (e.g. 20G).
-    #[arg(long, value_parser = size::parse_size)]
+    #[arg(long, value_parser = config::parse_size)]
     budget: Option<u64>,
 }
 
@@ -41,12 +43,27 @@ pub(crate) struct NodeFlags {
 pub(crate) struct NodeArgs {
     #[command(flatten)]
     flags: NodeFlags,
-    /// QUIC listen address.
-    #[arg(long, default_value = "0.0.0.0:7441")]
-    listen: SocketAddr,
-    /// Site name announced to peers.
-    #[arg(long, default_value = "local")]
-    site: String,
+    /// Site name announced to peers [default: local].
+    #[arg(long)]
+    site: Option<String>,
+    /// Parent site, HOST:PORT or NAME@HOST:PORT (repeatable).
+    #[arg(long = "parent", value_name = "PEER")]
+    parents: Vec<String>,
+    /// Peer site, HOST:PORT or NAME@HOST:PORT (repeatable).
+    #[arg(long = "peer", value_name = "PEER")]
+    peers: Vec<String>,
+    /// OCI registry listener [default: 127.0.0.1:5000].
+    #[arg(long)]
+    registry_listen: Option<SocketAddr>,
+    /// API listener: /metrics, /healthz, admin API [default: 127.0.0.1:7480].
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// QUIC listener for peers [default: 127.0.0.1:7443].
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// NBD listener [default: 127.0.0.1:10809].
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,18 +81,43 @@ pub(crate) struct FetchArgs {
     what: String,
 }
 
-fn config(f: &NodeFlags, listen: SocketAddr) -> NodeConfig {
-    let mut cfg = NodeConfig::new(&f.data_dir);
-    cfg.identity = f.identity.clone();
-    cfg.deny = f.deny.clone();
-    cfg.endpoint.listen = listen;
-    cfg.endpoint.congestion = f.congestion;
-    cfg.store = StoreConfig {
-        engine: f.engine,
-        budget_bytes: f.budget,
-        ..StoreConfig::default()
+/// Defaults, then the config file, then the flags.
+fn config(f: &NodeFlags) -> anyhow::Result<NodeConfig> {
+    let default_dir = PathBuf::from("cairn-data");
+    let mut cfg = match &f.config {
+        Some(path) => {
+            let file = FileConfig::load(path)?;
+            let base = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            NodeConfig::from_file(&file, &base, &default_dir)?
+        }
+        None => NodeConfig::new(&default_dir),
     };
-    cfg
+    if let Some(d) = &f.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(i) = &f.identity {
+        cfg.identity = Some(i.clone());
+    }
+    cfg.deny.extend(f.deny.iter().cloned());
+    if let Some(c) = f.congestion {
+        cfg.endpoint.congestion = c;
+    }
+    if let Some(e) = f.engine {
+        cfg.store.engine = e;
+    }
+    if let Some(b) = f.budget {
+        cfg.store.budget_bytes = Some(b);
+    }
+    Ok(cfg)
+}
+
+fn peers(list: &[String]) -> anyhow::Result<Vec<PeerAddr>> {
+    list.iter()
+        .map(|p| config::parse_peer(p).map_err(|e| anyhow::anyhow!(e)))
+        .collect()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -102,17 +144,35 @@ async fn shutdown_signal() {
 }
 
 pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    let mut cfg = config(&args.flags, args.listen);
-    cfg.site = args.site;
+    let mut cfg = config(&args.flags)?;
+    if let Some(s) = args.site {
+        cfg.site = s;
+    }
+    cfg.parents.extend(peers(&args.parents)?);
+    cfg.peers.extend(peers(&args.peers)?);
+    if let Some(a) = args.registry_listen {
+        cfg.registry_listen = Some(a);
+    }
+    if let Some(a) = args.api_listen {
+        cfg.api_listen = Some(a);
+    }
+    if let Some(a) = args.quic_listen {
+        cfg.endpoint.listen = a;
+    }
+    if let Some(a) = args.nbd_listen {
+        cfg.nbd_listen = a;
+    }
     runtime()?.block_on(async {
-        let node = Node::start(cfg).context("start node")?;
+        let node = Node::start(cfg).await.context("start node")?;
+        let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         eprintln!(
-            "cairn node {} serving {} on {} (Ctrl-C stops)",
+            "cairn node {} (site {}) serving {} on quic {} api {} registry {} (Ctrl-C stops)",
             node.identity().name(),
-            args.flags.data_dir.display(),
-            node.local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "?".into())
+            node.config().site,
+            node.config().data_dir.display(),
+            show(node.local_addr()),
+            show(node.api_addr()),
+            show(node.registry_addr()),
         );
         let cancel = node.cancel_token();
         tokio::select! {
@@ -122,17 +182,6 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         node.shutdown().await;
         Ok(())
     })
-}
-
-fn parse_peer(s: &str) -> anyhow::Result<PeerAddr> {
-    let (name, addr) = match s.split_once('@') {
-        Some((n, a)) => (Some(n.to_owned()), a),
-        None => (None, s),
-    };
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("bad peer address {addr:?} (want IP:PORT or NAME@IP:PORT)"))?;
-    Ok(PeerAddr { addr, name })
 }
 
 fn parse_key(s: &str) -> ObjectKey {
@@ -148,15 +197,15 @@ fn parse_key(s: &str) -> ObjectKey {
 }
 
 pub(crate) fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
-    if args.flags.identity.is_none() {
+    let peers = peers(&args.from)?;
+    let mut cfg = config(&args.flags)?;
+    if cfg.identity.is_none() {
         bail!("fetch needs --identity DIR/NAME: peers only talk to nodes of their own cluster");
     }
-    let peers = args
-        .from
-        .iter()
-        .map(|p| parse_peer(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let cfg = config(&args.flags, SocketAddr::from(([0, 0, 0, 0], 0)));
+    // A client: an ephemeral port, no HTTP listeners.
+    cfg.endpoint.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+    cfg.api_listen = None;
+    cfg.registry_listen = None;
     let key = parse_key(&args.what);
     let prio = if args.background {
         Priority::Background
@@ -164,7 +213,7 @@ pub(crate) fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         Priority::Demand
     };
     runtime()?.block_on(async {
-        let node = Node::start(cfg).context("start node")?;
+        let node = Node::start(cfg).await.context("start node")?;
         let started = Instant::now();
         let fetcher = node.fetcher().clone();
         let res = async {

@@ -1,29 +1,10 @@
 //! Human byte sizes: parsing `10G`/`512MiB` and printing `1.5 GiB`.
 
 /// Parse a size: a number with an optional K/M/G/T suffix (powers of 1024,
-/// with or without `iB`/`B`).
+/// with or without `iB`/`B`). The node's config parser, so flags and config
+/// files agree.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("not a size: {s:?} (try 512M or 20G)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-    };
-    let v = n * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(format!("size out of range: {s:?}"));
-    }
-    Ok(v as u64)
+    cairn_node::config::parse_size(s)
 }
 
 /// Print a byte count with a binary unit.

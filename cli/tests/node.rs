@@ -38,10 +38,19 @@ impl NodeProc {
     #[allow(clippy::zombie_processes)]
     fn start(data: &Path, identity: Option<&Path>) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "node",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         if let Some(i) = identity {
             cmd.arg("--identity").arg(i);
         }
@@ -60,11 +69,7 @@ impl NodeProc {
             let line = rx
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("node did not start; stderr: {seen:#?}"));
-            if let Some(rest) = line
-                .split(" on ")
-                .nth(1)
-                .filter(|_| line.contains("serving"))
-            {
+            if let Some(rest) = line.split(" on quic ").nth(1) {
                 let addr = rest.split_whitespace().next().unwrap().to_owned();
                 // Keep draining stderr so the child never blocks on it.
                 std::thread::spawn(move || while rx.recv().is_ok() {});

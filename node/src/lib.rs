@@ -1,72 +1,42 @@
 //! The Cairn node daemon: configuration, lifecycle, and the wiring between the
 //! chunk store, the transport and the front ends.
 //!
-//! So far a node opens its chunk store, binds its QUIC endpoint with the
-//! cluster identity, serves its chunks to peers and fetches from them
-//! (issues 1/8 and 2/8). The OCI registry, NBD, `/metrics` over HTTP,
-//! prefetch and placement arrive with issues 3/8 onwards.
+//! A node opens its chunk store, binds its QUIC endpoint with the cluster
+//! identity, serves its chunks to peers and fetches from them, and serves
+//! `/metrics`, `/healthz` and the admin API over HTTP. NBD, prefetch and
+//! placement arrive with issues 4/8 onwards.
 //!
-//! Lifecycle: one [`CancellationToken`] per node; every task stops on it.
-//! Shutdown order: stop accepting (server), cancel fetches, close the QUIC
-//! endpoint (peers see a clean close), wait for it to drain, then drop the
-//! store (RocksDB flushes; everything acknowledged was already synced).
+//! Lifecycle: one root [`CancellationToken`] per node; every task stops on
+//! it. Shutdown order:
+//! 1. cancel the root token: HTTP listeners stop accepting and finish the
+//!    requests in flight (an upload not yet committed is not acknowledged,
+//!    so nothing acknowledged is lost); the QUIC server stops accepting;
+//!    fetches stop;
+//! 2. wait for the HTTP servers and the QUIC accept loop to end;
+//! 3. close the QUIC endpoint (peers see a clean close) and let it drain;
+//! 4. drop the store (RocksDB flushes; everything acknowledged was already
+//!    synced when it was acknowledged).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod api;
+pub mod config;
+
+pub use config::{ConfigError, FileConfig, NodeConfig};
+
 pub use cairn_chunkstore as chunkstore;
 pub use cairn_transport as transport;
 
-use cairn_chunkstore::{Store, StoreConfig, StoreError};
+use cairn_chunkstore::{Store, StoreError};
 use cairn_transport::identity::{DenyList, Identity, IdentityError};
 use cairn_transport::tls::Refusals;
 use cairn_transport::wire::{Hello, PROTOCOL_VERSION};
-use cairn_transport::{
-    endpoint, EndpointConfig, FetchConfig, Fetcher, Server, ServerConfig, TransportMetrics,
-};
+use cairn_transport::{endpoint, Fetcher, Server, ServerConfig, TransportMetrics};
 pub use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Everything a node needs to start.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// Data directory: the chunk store, the same layout `cairn store
-    /// --data-dir` works on.
-    pub data_dir: PathBuf,
-    /// Chunk store settings.
-    pub store: StoreConfig,
-    /// Node identity directory from `cairn cluster add-node`; `None` makes a
-    /// throw-away single-node cluster.
-    pub identity: Option<PathBuf>,
-    /// Node names refused in either direction.
-    pub deny: Vec<String>,
-    /// Site name, announced to peers.
-    pub site: String,
-    /// QUIC endpoint settings (listen address, congestion control, windows).
-    pub endpoint: EndpointConfig,
-    /// Fetch client settings.
-    pub fetch: FetchConfig,
-    /// Send chunks zstd-compressed when it saves at least 10%.
-    pub wire_zstd: bool,
-}
-
-impl NodeConfig {
-    /// Defaults for a data directory: listen on 0.0.0.0:7441, no identity.
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            store: StoreConfig::default(),
-            identity: None,
-            deny: Vec::new(),
-            site: "local".into(),
-            endpoint: EndpointConfig::default(),
-            fetch: FetchConfig::default(),
-            wire_zstd: true,
-        }
-    }
-}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +55,25 @@ pub enum NodeError {
     /// The QUIC endpoint could not be set up.
     #[error(transparent)]
     Endpoint(#[from] cairn_transport::endpoint::EndpointError),
+    /// A TCP listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        /// Which listener.
+        what: &'static str,
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+async fn listen(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, NodeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Listen { what, addr, source })
 }
 
 /// A running node.
@@ -99,12 +88,15 @@ pub struct Node {
     transport_metrics: TransportMetrics,
     refusals: Refusals,
     cancel: CancellationToken,
+    http: Vec<tokio::task::JoinHandle<()>>,
+    api_addr: Option<SocketAddr>,
+    registry_addr: Option<SocketAddr>,
+    cfg: NodeConfig,
 }
 
 impl Node {
-    /// Open the store, bind the endpoint and start serving. Must run inside
-    /// a tokio runtime.
-    pub fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
+    /// Open the store, bind every listener and start serving.
+    pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
         let identity = match &cfg.identity {
             Some(dir) => Identity::load(dir)?,
             None => {
@@ -161,10 +153,42 @@ impl Node {
             transport_metrics.clone(),
             cancel.child_token(),
         );
+        let mut http = Vec::new();
+        let api_l = match cfg.api_listen {
+            Some(a) => Some(listen("the API", a).await?),
+            None => None,
+        };
+        let api_addr = api_l.as_ref().and_then(|l| l.local_addr().ok());
+        let registry_addr = None;
+        if let Some(l) = api_l {
+            let info = api::NodeInfo {
+                node: identity.name().to_owned(),
+                site: cfg.site.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                quic: ep.local_addr().ok(),
+                registry: registry_addr,
+                api: api_addr,
+                parents: cfg.parents.iter().map(|p| p.addr.to_string()).collect(),
+                peers: cfg.peers.iter().map(|p| p.addr.to_string()).collect(),
+            };
+            let router = api::router(api::ApiState {
+                registry: registry.clone(),
+                store: store.clone(),
+                info: Arc::new(info),
+            });
+            http.push(tokio::spawn(api::serve(
+                "api",
+                l,
+                router,
+                cancel.child_token(),
+            )));
+        }
         info!(
             node = identity.name(),
+            site = %cfg.site,
             ca = %identity.ca_fingerprint(),
-            addr = ?ep.local_addr().ok(),
+            quic = ?ep.local_addr().ok(),
+            api = ?api_addr,
             store = %store_dir.display(),
             engine = store.engine_name(),
             "node started"
@@ -179,7 +203,26 @@ impl Node {
             transport_metrics,
             refusals,
             cancel,
+            http,
+            api_addr,
+            registry_addr,
+            cfg,
         })
+    }
+
+    /// Where the API listener is bound.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// Where the registry listener is bound.
+    pub fn registry_addr(&self) -> Option<SocketAddr> {
+        self.registry_addr
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
     }
 
     /// The node's chunk store.
@@ -226,6 +269,9 @@ impl Node {
     pub async fn shutdown(mut self) {
         info!("node shutting down");
         self.cancel.cancel();
+        for h in self.http.drain(..) {
+            let _ = h.await;
+        }
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }

@@ -1,7 +1,9 @@
 //! Transport metrics: one typed struct, per-peer series labelled `peer`.
 //!
-//! The `peer` label is the peer's address (`ip:port`), which is bounded by
-//! the configured peer set, not by what strangers send.
+//! The `peer` label is, for fetches, the configured peer address (`ip:port`,
+//! bounded by the peer set we were given) and, for serving, the verified node
+//! name from the peer's certificate (bounded by cluster membership) — never
+//! something a stranger chooses.
 
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -10,7 +12,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registr
 pub struct TransportMetrics {
     /// Payload bytes received from a peer (chunk frames as sent).
     pub bytes_in: IntCounterVec,
-    /// Payload bytes sent to a peer.
+    /// Payload bytes sent to a peer (labelled by its node name).
     pub bytes_out: IntCounterVec,
     /// Smoothed RTT of the connection to a peer, seconds.
     pub rtt_seconds: GaugeVec,

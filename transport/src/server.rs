@@ -155,9 +155,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
             match conn {
                 Ok(conn) => {
                     ctx.metrics.connections.with_label_values(&["in"]).inc();
-                    let peer = tls::peer_name(&conn).unwrap_or_default();
+                    // Series are labelled by the verified node name: bounded
+                    // by cluster membership, unlike client ports.
+                    let peer = tls::peer_name(&conn).unwrap_or_else(|| remote.to_string());
                     debug!(%remote, %peer, "peer connected");
-                    serve_connection(conn, remote, ctx).await;
+                    serve_connection(conn, remote, peer, ctx).await;
                 }
                 Err(e) => {
                     if let Some(reason) = tls::refusal_reason(&e) {
@@ -173,8 +175,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
     debug!("accept loop stopped");
 }
 
-async fn serve_connection(conn: quinn::Connection, remote: SocketAddr, ctx: Arc<Ctx>) {
-    let peer = remote.to_string();
+async fn serve_connection(
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    peer: String,
+    ctx: Arc<Ctx>,
+) {
     loop {
         let (send, recv) = tokio::select! {
             _ = ctx.cancel.cancelled() => {
