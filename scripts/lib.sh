@@ -60,6 +60,24 @@ ensure_packages() {
     die "apt-get install failed for: ${missing[*]}"
 }
 
+# Make sure the python3 on PATH can import each module; install the PyPI
+# package of the same name for the ones it cannot. Debian's own python3
+# refuses pip installs outside a venv (PEP 668), hence the flag there.
+ensure_pip_modules() {
+  [ "$#" -gt 0 ] || return 0
+  command -v python3 >/dev/null 2>&1 || ensure_packages python3 python3-pip
+  local missing=() m
+  for m in "$@"; do
+    python3 -c "import $m" >/dev/null 2>&1 || missing+=("$m")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3-pip
+  log "installing missing Python modules: ${missing[*]}"
+  python3 -m pip install -q "${missing[@]}" ||
+    python3 -m pip install -q --break-system-packages "${missing[@]}" ||
+    die "pip install failed for: ${missing[*]}"
+}
+
 # Make sure cargo is on PATH (rustup installs it in ~/.cargo/bin, which a
 # non-login shell such as CI's may not have on PATH).
 ensure_cargo() {

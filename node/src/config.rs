@@ -126,9 +126,11 @@ pub struct TransportSection {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrySection {
-    /// File holding the bearer token required for push.
+    /// File holding the token required for push. Without it (and without
+    /// `push_open`), the node creates `DATA_DIR/registry-token` on first
+    /// start.
     pub push_token_file: Option<PathBuf>,
-    /// Allow push without a token (only when no token file is given).
+    /// Allow push without any token (only when no token file is given).
     pub push_open: Option<bool>,
     /// Require the token for pulls too.
     pub pull_requires_token: Option<bool>,

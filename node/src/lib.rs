@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub mod api;
 pub mod config;
+pub mod registry;
 
 pub use config::{ConfigError, FileConfig, NodeConfig};
 
@@ -55,6 +56,12 @@ pub enum NodeError {
     /// The QUIC endpoint could not be set up.
     #[error(transparent)]
     Endpoint(#[from] cairn_transport::endpoint::EndpointError),
+    /// The OCI registry could not be set up.
+    #[error("registry: {0}")]
+    Registry(registry::RegistryError),
+    /// A setting is invalid.
+    #[error("config: {0}")]
+    Config(String),
     /// A TCP listener could not be bound.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Listen {
@@ -65,6 +72,69 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// The registry's settings from the node's: uploads under the data dir, the
+/// push token from its file.
+fn registry_config(cfg: &NodeConfig) -> Result<registry::RegistryConfig, NodeError> {
+    let mut r = registry::RegistryConfig::new(cfg.data_dir.join("uploads"));
+    let token_file = match (&cfg.registry.push_token_file, cfg.registry.push_open) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(true)) => None,
+        // Push is never open by accident: without a token file, the node
+        // makes one in its data dir on first start.
+        (None, _) => {
+            let path = cfg.data_dir.join("registry-token");
+            if !path.exists() {
+                make_token_file(&path)?;
+                info!(path = %path.display(), "registry: created a push token");
+            }
+            Some(path)
+        }
+    };
+    if let Some(path) = token_file {
+        let token = std::fs::read_to_string(&path).map_err(|e| {
+            NodeError::Config(format!("registry push token file {}: {e}", path.display()))
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(NodeError::Config(format!(
+                "registry push token file {} is empty",
+                path.display()
+            )));
+        }
+        r.push_token = Some(token.to_owned());
+    }
+    r.pull_token_required = cfg.registry.pull_requires_token.unwrap_or(false);
+    if r.pull_token_required && r.push_token.is_none() {
+        return Err(NodeError::Config(
+            "registry.pull_requires_token needs a push token".into(),
+        ));
+    }
+    Ok(r)
+}
+
+fn make_token_file(path: &std::path::Path) -> Result<(), NodeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: [u8; 32] = rand::random();
+    let fail = |e: std::io::Error| {
+        NodeError::Config(format!(
+            "cannot create push token file {}: {e}",
+            path.display()
+        ))
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    writeln!(f, "{}", hex::encode(token)).map_err(fail)?;
+    f.sync_all().map_err(fail)
 }
 
 async fn listen(
@@ -159,7 +229,20 @@ impl Node {
             None => None,
         };
         let api_addr = api_l.as_ref().and_then(|l| l.local_addr().ok());
-        let registry_addr = None;
+        let mut registry_addr = None;
+        if let Some(addr) = cfg.registry_listen {
+            let l = listen("the registry", addr).await?;
+            registry_addr = l.local_addr().ok();
+            let rcfg = registry_config(&cfg)?;
+            let reg = registry::Registry::new(store.clone(), rcfg, &registry, cancel.child_token())
+                .map_err(NodeError::Registry)?;
+            http.push(tokio::spawn(api::serve(
+                "registry",
+                l,
+                reg.router(),
+                cancel.child_token(),
+            )));
+        }
         if let Some(l) = api_l {
             let info = api::NodeInfo {
                 node: identity.name().to_owned(),
