@@ -144,6 +144,48 @@ impl Store {
         Ok(object)
     }
 
+    /// Record the sha256 (and optionally sha512) of an object whose bytes
+    /// the caller has just hashed in full, e.g. after a fetch: the object's
+    /// info gets the digests and the digest index points at it, so it can
+    /// be found and served by digest like a local put.
+    pub fn record_digests(
+        &self,
+        object: &ObjectId,
+        sha256: &str,
+        sha512: Option<&str>,
+    ) -> Result<()> {
+        let hex_ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex_ok(sha256, 64) || sha512.is_some_and(|s| !hex_ok(s, 128)) {
+            return Err(StoreError::Invalid(
+                "digest is not lowercase hex of the right length".into(),
+            ));
+        }
+        let inner = &self.inner;
+        let _c = inner.commit_lock.read();
+        let mut info = self.object_info(object)?;
+        info.sha256 = sha256.to_ascii_lowercase();
+        if let Some(s) = sha512 {
+            info.sha512 = Some(s.to_ascii_lowercase());
+        }
+        let mut batch = WriteBatch::default();
+        let enc = serde_json::to_vec(&info).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        batch.put_cf(self.cf(index::CF_OBJECTS), object.as_bytes(), enc);
+        batch.put_cf(
+            self.cf(index::CF_DIGESTS),
+            format!("sha256:{}", info.sha256),
+            object.as_bytes(),
+        );
+        if let Some(s) = &info.sha512 {
+            batch.put_cf(
+                self.cf(index::CF_DIGESTS),
+                format!("sha512:{s}"),
+                object.as_bytes(),
+            );
+        }
+        inner.db.write_opt(batch, &sync_write())?;
+        Ok(())
+    }
+
     /// The distinct chunks of `recipe` that are not in the store, in recipe
     /// order.
     pub fn missing_chunks(&self, recipe: &Recipe) -> Result<Vec<ChunkRef>> {

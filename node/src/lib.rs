@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub mod api;
 pub mod config;
+pub mod pullthrough;
 pub mod registry;
 
 pub use config::{ConfigError, FileConfig, NodeConfig};
@@ -236,6 +237,16 @@ impl Node {
             let rcfg = registry_config(&cfg)?;
             let reg = registry::Registry::new(store.clone(), rcfg, &registry, cancel.child_token())
                 .map_err(NodeError::Registry)?;
+            let reg = if cfg.parents.is_empty() && cfg.peers.is_empty() {
+                reg
+            } else {
+                reg.with_upstream(Arc::new(pullthrough::PullThrough::new(
+                    fetcher.clone(),
+                    &cfg.parents,
+                    &cfg.peers,
+                    cancel.child_token(),
+                )))
+            };
             http.push(tokio::spawn(api::serve(
                 "registry",
                 l,
