@@ -181,6 +181,7 @@ async fn serve_connection(
     peer: String,
     ctx: Arc<Ctx>,
 ) {
+    let probe = Arc::new(ZstdProbe::default());
     loop {
         let (send, recv) = tokio::select! {
             _ = ctx.cancel.cancelled() => {
@@ -197,10 +198,11 @@ async fn serve_connection(
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
+        let probe = probe.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => {}
-                _ = serve_stream(send, recv, &peer, &ctx) => {}
+                _ = serve_stream(send, recv, &peer, &ctx, &probe) => {}
             }
         });
     }
@@ -233,6 +235,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     peer: &str,
     ctx: &Ctx,
+    probe: &ZstdProbe,
 ) {
     let req = match read_request(&mut recv).await {
         Ok(Some(r)) => r,
@@ -297,7 +300,8 @@ async fn serve_stream(
                 .with_label_values(&["get_chunks"])
                 .inc();
             send.set_priority(priority.stream_priority()).ok();
-            serve_chunks(&mut send, ids, accept_zstd && ctx.cfg.wire_zstd, peer, ctx).await
+            let zstd = (accept_zstd && ctx.cfg.wire_zstd).then_some(probe);
+            serve_chunks(&mut send, ids, zstd, peer, ctx).await
         }
     };
     match res {
@@ -419,14 +423,43 @@ async fn serve_object(
     }
 }
 
-/// Stop trying zstd on a stream after this many chunks in a row that did
-/// not shrink by 10%: incompressible data (most image layers) costs no CPU.
+/// After this many chunks in a row on a connection that did not shrink by
+/// 10%, zstd is only tried on one chunk in [`ZSTD_PROBE_EVERY`]:
+/// incompressible data (most image layers) then costs almost no CPU, and
+/// compressible data later on the connection is still noticed.
 const ZSTD_GIVE_UP: u32 = 8;
+const ZSTD_PROBE_EVERY: u64 = 64;
+
+/// Per-connection record of whether zstd has been paying.
+#[derive(Debug, Default)]
+struct ZstdProbe {
+    misses: std::sync::atomic::AtomicU32,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl ZstdProbe {
+    fn should_try(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.misses.load(Relaxed) < ZSTD_GIVE_UP
+            || self.seq.fetch_add(1, Relaxed) % ZSTD_PROBE_EVERY == 0
+    }
+
+    fn record(&self, paid: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if paid {
+            self.misses.store(0, Relaxed);
+        } else {
+            let _ = self
+                .misses
+                .fetch_update(Relaxed, Relaxed, |m| Some(m.saturating_add(1)));
+        }
+    }
+}
 
 async fn serve_chunks(
     send: &mut quinn::SendStream,
     ids: Vec<ChunkId>,
-    mut zstd: bool,
+    zstd: Option<&ZstdProbe>,
     peer: &str,
     ctx: &Ctx,
 ) -> Result<(), String> {
@@ -443,7 +476,6 @@ async fn serve_chunks(
         }
     });
     let bytes_out = ctx.metrics.bytes_out.with_label_values(&[peer]);
-    let mut misses = 0u32;
     let mut res = Ok(());
     while let Some((id, r)) = rx.recv().await {
         let data = match r {
@@ -462,19 +494,14 @@ async fn serve_chunks(
         };
         let mut payload = data.clone();
         let mut compressed = false;
-        if zstd {
+        if let Some(probe) = zstd.filter(|p| p.should_try()) {
             match zstd::bulk::compress(&data, 1) {
                 Ok(c) if c.len() * 10 <= data.len() * 9 => {
                     payload = Bytes::from(c);
                     compressed = true;
-                    misses = 0;
+                    probe.record(true);
                 }
-                _ => {
-                    misses += 1;
-                    if misses >= ZSTD_GIVE_UP {
-                        zstd = false;
-                    }
-                }
+                _ => probe.record(false),
             }
         }
         let header = wire::chunk_frame_header(&id, data.len() as u32, compressed, payload.len());
