@@ -58,7 +58,7 @@ pub struct EndpointConfig {
 impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 7441)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             congestion: Congestion::Cubic,
             stream_window: 8 << 20,
             conn_window: 32 << 20,
