@@ -1173,19 +1173,32 @@ impl Drop for ClaimGuard<'_> {
     }
 }
 
-/// Read the next response frame, waiting at most `timeout` for bytes.
+/// Read the next response frame; fail when it has not fully arrived within
+/// `timeout` (one deadline per frame, not per read). Once the header is in,
+/// the buffer is grown once to the frame's size, so a chunk frame is not
+/// copied again by regrowth.
 async fn next_frame(
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
     timeout: Duration,
 ) -> Result<Option<Response>, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match wire::decode_response(buf) {
             Ok(Some(r)) => return Ok(Some(r)),
             Ok(None) => {}
             Err(e) => return Err(wire_failure(e)),
         }
-        let chunk = tokio::time::timeout(timeout, recv.read_chunk(1 << 20, true))
+        let mut want = 1 << 20;
+        if buf.len() >= 4 {
+            // The decoder has already checked the length against MAX_FRAME.
+            let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize + 4;
+            if len > buf.len() {
+                want = len - buf.len();
+                buf.reserve(want);
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, recv.read_chunk(want, true))
             .await
             .map_err(|_| Failure::Timeout)?
             .map_err(|e| Failure::Link(e.to_string()))?;
