@@ -64,6 +64,10 @@ pub(crate) struct NodeArgs {
     /// NBD listener [default: 127.0.0.1:10809].
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
+    /// Top site: pull registry misses through this upstream OCI registry
+    /// (http://HOST:PORT or https://…).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,6 +165,9 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     if let Some(a) = args.nbd_listen {
         cfg.nbd_listen = a;
+    }
+    if let Some(u) = args.upstream {
+        cfg.registry.upstream = Some(u);
     }
     runtime()?.block_on(async {
         let node = Node::start(cfg).await.context("start node")?;

@@ -26,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod pullthrough;
 pub mod registry;
+pub mod upstream_http;
 
 pub use config::{ConfigError, FileConfig, NodeConfig};
 
@@ -237,7 +238,15 @@ impl Node {
             let rcfg = registry_config(&cfg)?;
             let reg = registry::Registry::new(store.clone(), rcfg, &registry, cancel.child_token())
                 .map_err(NodeError::Registry)?;
-            let reg = if cfg.parents.is_empty() && cfg.peers.is_empty() {
+            let reg = if let Some(url) = &cfg.registry.upstream {
+                // The top site: misses go to an upstream OCI registry.
+                let up = upstream_http::HttpUpstream::new(url, store.clone())
+                    .map_err(|e| NodeError::Config(e.to_string()))?;
+                if !cfg.parents.is_empty() {
+                    warn!("registry.upstream is set: parents are used for chunks, not for registry misses");
+                }
+                reg.with_upstream(Arc::new(up))
+            } else if cfg.parents.is_empty() && cfg.peers.is_empty() {
                 reg
             } else {
                 reg.with_upstream(Arc::new(pullthrough::PullThrough::new(
