@@ -131,19 +131,28 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGINT and SIGTERM, caught from the moment this is made (so a signal
+/// that arrives while the node starts is not lost to the default action).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+        })
+    }
+
+    /// Resolves on SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 
@@ -170,6 +179,7 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         cfg.registry.upstream = Some(u);
     }
     runtime()?.block_on(async {
+        let mut signals = Signals::install()?;
         let node = Node::start(cfg).await.context("start node")?;
         let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         eprintln!(
@@ -183,7 +193,7 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         );
         let cancel = node.cancel_token();
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = signals.recv() => {}
             _ = cancel.cancelled() => {}
         }
         node.shutdown().await;
@@ -220,6 +230,7 @@ pub(crate) fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         Priority::Demand
     };
     runtime()?.block_on(async {
+        let mut signals = Signals::install()?;
         let node = Node::start(cfg).await.context("start node")?;
         let started = Instant::now();
         let fetcher = node.fetcher().clone();
@@ -250,7 +261,7 @@ pub(crate) fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         };
         let out = tokio::select! {
             r = res => r,
-            _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+            _ = signals.recv() => Err(anyhow::anyhow!("interrupted")),
         };
         node.shutdown().await;
         let (id, recipe, report) = out?;

@@ -16,7 +16,7 @@ use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::registry::{BoxFuture, Upstream, UpstreamError, UpstreamManifest};
+use crate::registry::{BoxFuture, StreamedBlob, Upstream, UpstreamError, UpstreamManifest};
 
 /// Pull-through over the transport.
 #[derive(Debug, Clone)]
@@ -173,6 +173,118 @@ impl PullThrough {
     }
 }
 
+impl PullThrough {
+    /// Get the blob's recipe, then stream its chunks in order as they land
+    /// (see [`Upstream::stream_blob`]).
+    async fn open_stream(
+        &self,
+        repo: &str,
+        digest: &str,
+    ) -> Result<Option<StreamedBlob>, UpstreamError> {
+        let Some(hex) = digest.strip_prefix("sha256:").map(str::to_owned) else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for key in [
+            ObjectKey::Name(format!("blob/{repo}@{digest}")),
+            ObjectKey::Digest(digest.to_owned()),
+        ] {
+            match self
+                .fetcher
+                .fetch_recipe(&key, &self.sources, Priority::Demand)
+                .await
+            {
+                Ok(r) => {
+                    found = Some(r);
+                    break;
+                }
+                Err(FetchError::NotFound(_)) => continue,
+                Err(e) => return Err(Box::new(e)),
+            }
+        }
+        let Some((id, recipe)) = found else {
+            return Ok(None);
+        };
+        let want: Vec<_> = recipe.chunks().iter().map(|c| (c.id, c.len)).collect();
+        // Everything, in the background; the stream below asks for the chunk
+        // it needs next at demand priority, which coalesces with this.
+        let bg = {
+            let f = self.fetcher.clone();
+            let sources = self.sources.clone();
+            let want = want.clone();
+            let cancel = self.cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    r = f.fetch_chunks(&want, &sources, Priority::Background) => {
+                        if let Err(e) = r {
+                            warn!(error = %e, "background blob fetch failed");
+                        }
+                    }
+                }
+            })
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let me = self.clone();
+        let link = format!("blob/{repo}@{digest}");
+        tokio::spawn(async move {
+            let mut sha = sha2::Sha256::new();
+            for &(cid, len) in &want {
+                let store = me.store.clone();
+                let mut data = tokio::task::spawn_blocking(move || store.read_chunk(&cid)).await;
+                if !matches!(data, Ok(Ok(_))) {
+                    let one = [(cid, len)];
+                    let got = tokio::select! {
+                        _ = me.cancel.cancelled() => break,
+                        r = me.fetcher.fetch_chunks(&one, &me.sources, Priority::Demand) => r,
+                    };
+                    if let Err(e) = got {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                    let store = me.store.clone();
+                    data = tokio::task::spawn_blocking(move || store.read_chunk(&cid)).await;
+                }
+                let bytes = match data {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                };
+                sha.update(&bytes);
+                if tx.send(Ok(bytes)).await.is_err() {
+                    // The client went away; the background fetch carries on.
+                    return;
+                }
+            }
+            let got = hex::encode(sha.finalize());
+            if got != hex {
+                warn!(%link, %got, "pulled-through blob does not match its digest; not linking it");
+                return;
+            }
+            let store = me.store.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                store.record_digests(&id, &got, None)?;
+                store.set_name(&link, &id)
+            })
+            .await;
+            if !matches!(res, Ok(Ok(()))) {
+                warn!(?res, "cannot link a pulled-through blob");
+            }
+            let _ = bg.await;
+        });
+        Ok(Some(StreamedBlob {
+            len: recipe.total_len(),
+            body: rx,
+        }))
+    }
+}
+
 /// Largest manifest pulled through (as the registry's own limit).
 const MAX_MANIFEST: u64 = 4 << 20;
 
@@ -239,5 +351,13 @@ impl Upstream for PullThrough {
         digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<ObjectId>, UpstreamError>> {
         Box::pin(self.blob(repo, digest, Priority::Demand))
+    }
+
+    fn stream_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StreamedBlob>, UpstreamError>> {
+        Box::pin(self.open_stream(repo, digest))
     }
 }

@@ -253,3 +253,60 @@ async fn push_core_pull_edges_and_v2_moves_only_new_chunks() {
         n.shutdown().await;
     }
 }
+
+/// A cold edge answers a blob GET as the chunks land: the first byte comes
+/// long before the last, and the blob is linked at the edge only once the
+/// whole of it has hashed to its digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_edge_streams_first_byte_early() {
+    use futures_util::StreamExt;
+    let c = Cluster::new();
+    let core = c.node("core", vec![]).await;
+    let edge = c.node("edge", vec![peer(&core)]).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let core_reg = core.registry_addr().unwrap().to_string();
+    let e = edge.registry_addr().unwrap().to_string();
+    let img = image(vec![random(160 << 20, 7)]);
+    push(&http, &core_reg, "big/app", "v1", &img).await;
+    let layer = &img.blobs[1];
+    let d = sha(layer);
+
+    let t = std::time::Instant::now();
+    let r = http
+        .get(format!("http://{e}/v2/big/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.content_length(), Some(layer.len() as u64));
+    let mut body = r.bytes_stream();
+    let mut got = Vec::with_capacity(layer.len());
+    let first = body.next().await.unwrap().unwrap();
+    let t_first = t.elapsed();
+    got.extend_from_slice(&first);
+    let link = format!("blob/big/app@{d}");
+    assert!(
+        edge.store().resolve(&link).is_err(),
+        "not linked before the whole blob is verified"
+    );
+    while let Some(piece) = body.next().await {
+        got.extend_from_slice(&piece.unwrap());
+    }
+    let t_all = t.elapsed();
+    assert!(got == *layer, "streamed bytes differ");
+    assert!(
+        t_first * 4 < t_all,
+        "first byte after {t_first:?}, all of it after {t_all:?}"
+    );
+    // Linked once verified (the streamer links right after the last chunk).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while edge.store().resolve(&link).is_err() {
+        assert!(std::time::Instant::now() < deadline, "never linked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.shutdown().await;
+    core.shutdown().await;
+}

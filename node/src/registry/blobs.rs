@@ -67,6 +67,43 @@ pub(crate) async fn find_blob(
     .await
 }
 
+/// A whole-blob GET of a blob that is not linked here, answered by
+/// streaming it from the upstream as it arrives. `None`: the blob is local,
+/// or the upstream does not stream; the caller goes the usual way.
+async fn stream_from_upstream(
+    reg: &Registry,
+    repo: &str,
+    d: &Digest,
+) -> Result<Option<Response>, ApiError> {
+    let Some(up) = reg.upstream() else {
+        return Ok(None);
+    };
+    let link = names::blob_link(repo, d)?;
+    let store = reg.store().clone();
+    if blocking(move || lookup(&store, &link)).await?.is_some() {
+        return Ok(None);
+    }
+    let streamed = up.stream_blob(repo, &d.to_string()).await.map_err(|e| {
+        ApiError::internal(format!("upstream: {e}")).status(StatusCode::BAD_GATEWAY)
+    })?;
+    let Some(blob) = streamed else {
+        return Ok(None);
+    };
+    let hdrs = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (DOCKER_CONTENT_DIGEST, d.to_string()),
+        (header::CONTENT_LENGTH, blob.len.to_string()),
+    ];
+    let pulled = reg.metrics().pulled_bytes.clone();
+    let s = futures_util::stream::unfold(blob.body, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    })
+    .inspect_ok(move |b: &Bytes| pulled.inc_by(b.len() as u64))
+    .inspect_err(log_stream_error);
+    response(StatusCode::OK, &hdrs, Body::from_stream(s)).map(Some)
+}
+
 /// GET or HEAD `/v2/<repo>/blobs/<digest>`.
 pub(crate) async fn get(
     reg: &Registry,
@@ -77,6 +114,11 @@ pub(crate) async fn get(
 ) -> Result<Response, ApiError> {
     let d = Digest::parse(digest)?;
     let range = header_str(headers, &header::RANGE)?.map(str::to_owned);
+    if !head && range.is_none() {
+        if let Some(resp) = stream_from_upstream(reg, repo, &d).await? {
+            return Ok(resp);
+        }
+    }
     let obj = find_blob(reg, repo, &d).await?;
     let store = reg.store().clone();
     let dd = d.clone();

@@ -148,6 +148,30 @@ pub trait Upstream: Send + Sync + 'static {
         repo: &'a str,
         digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<ObjectId>, UpstreamError>>;
+
+    /// Stream the blob to a client as its chunks arrive, so the first byte
+    /// does not wait for the last. The upstream keeps fetching in the
+    /// background, and links the blob (`blob/<repo>@<digest>`) only after
+    /// the whole blob hashes to `digest`; the client checks the digest
+    /// itself. `Ok(None)` (the default) means "not supported here": the
+    /// registry then uses [`Upstream::fetch_blob`].
+    fn stream_blob<'a>(
+        &'a self,
+        repo: &'a str,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StreamedBlob>, UpstreamError>> {
+        let _ = (repo, digest);
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// A blob on its way from an upstream (see [`Upstream::stream_blob`]).
+#[derive(Debug)]
+pub struct StreamedBlob {
+    /// Its length in bytes.
+    pub len: u64,
+    /// Its bytes, in order.
+    pub body: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
 }
 
 /// The OCI registry: cheap to clone, all clones share state.
