@@ -98,7 +98,7 @@ fn have(test: &str, tools: &[&str]) -> Result<bool> {
     }
     eprintln!(
         "SKIPPED {test}: {missing:?} not installed (apt-get install -y --no-install-recommends \
-         skopeo umoci busybox-static podman; pip install oras)"
+         skopeo umoci busybox-static podman containerd; pip install oras)"
     );
     Ok(false)
 }
@@ -487,5 +487,130 @@ print(json.dumps({"files": files, "tags": c.get_tags(f"{reg}/demo/artifact")}))
     let got = std::fs::read(work.path().join("out2/notes.txt"))?;
     ensure!(got == b"chunked upload\n");
     let _ = &s.dir;
+    s.stop().await
+}
+
+/// A containerd started by the test (own root, state and socket), stopped
+/// on drop.
+struct Containerd {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_containerd(dir: &Path) -> Result<Containerd> {
+    std::fs::create_dir_all(dir)?;
+    let sock = dir.join("containerd.sock");
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{}\"\n",
+            dir.join("root").display(),
+            dir.join("state").display(),
+            sock.display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("containerd.log"))?;
+    let child = std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start containerd")?;
+    let c = Containerd { child, sock };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.sock.exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "containerd did not start: {}",
+            std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(c)
+}
+
+/// containerd pulls through the registry as a docker.io mirror (which adds
+/// `?ns=docker.io` to every request) and runs the image. There is no
+/// internet here, so a successful pull of a docker.io name came from us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_mirror_pull_and_run() -> Result<()> {
+    if !have("containerd", &["containerd", "ctr", "skopeo", "umoci"])? {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let (layout, _) = build_image(work.path()).await?;
+    let s = Server::start().await?;
+    let reg = s.addr.to_string();
+    run(
+        "skopeo",
+        &skopeo_args(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:demo", layout.display()),
+            &format!("docker://{reg}/library/cairn-demo:v1"),
+        ]),
+        None,
+    )
+    .await?;
+    let hosts = work.path().join("hosts");
+    std::fs::create_dir_all(hosts.join("docker.io"))?;
+    std::fs::write(
+        hosts.join("docker.io/hosts.toml"),
+        format!(
+            "server = \"https://registry-1.docker.io\"\n\n[host.\"http://{reg}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )?;
+    let cd = start_containerd(&work.path().join("containerd"))?;
+    let sock = cd.sock.to_str().context("path")?.to_owned();
+    let hosts_dir = hosts.to_str().context("path")?.to_owned();
+    let image = "docker.io/library/cairn-demo:v1";
+    run(
+        "ctr",
+        &[
+            "-a",
+            &sock,
+            "image",
+            "pull",
+            "--hosts-dir",
+            &hosts_dir,
+            "--snapshotter",
+            "native",
+            image,
+        ],
+        None,
+    )
+    .await?;
+    let out = run(
+        "ctr",
+        &[
+            "-a",
+            &sock,
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--net-host",
+            image,
+            "cairn-demo-run",
+        ],
+        None,
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("hello from cairn"),
+        "ctr run printed {text:?}"
+    );
+    drop(cd);
     s.stop().await
 }
