@@ -124,7 +124,13 @@ impl PullThrough {
                 tokio::select! {
                     _ = me.cancel.cancelled() => {}
                     r = me.blob(&repo, &d, Priority::Background) => match r {
-                        Ok(Some(_)) => debug!(%repo, digest = %d, "blob staged ahead of the client"),
+                        Ok(Some(id)) => {
+                            // Verified by `blob`: link it, so the client's GET is local.
+                            let store = me.store.clone();
+                            let link = format!("blob/{repo}@{d}");
+                            let _ = tokio::task::spawn_blocking(move || store.set_name(&link, &id)).await;
+                            debug!(%repo, digest = %d, "blob staged ahead of the client");
+                        }
                         Ok(None) => debug!(%repo, digest = %d, "no source has the blob"),
                         Err(e) => warn!(%repo, digest = %d, error = %e, "staging a blob failed"),
                     }
@@ -184,6 +190,23 @@ impl PullThrough {
         let Some(hex) = digest.strip_prefix("sha256:").map(str::to_owned) else {
             return Ok(None);
         };
+        // Already here and verified (staged in the background, or linked in
+        // another repository): link it and let the registry serve it locally.
+        if let Ok(id) = self.store.resolve(digest) {
+            let store = self.store.clone();
+            let link = format!("blob/{repo}@{digest}");
+            let linked = tokio::task::spawn_blocking(move || -> Result<bool, UpstreamError> {
+                if !store.missing_chunks(&*store.recipe(&id)?)?.is_empty() {
+                    return Ok(false);
+                }
+                store.set_name(&link, &id)?;
+                Ok(true)
+            })
+            .await??;
+            if linked {
+                return Ok(None);
+            }
+        }
         let mut found = None;
         for key in [
             ObjectKey::Name(format!("blob/{repo}@{digest}")),
