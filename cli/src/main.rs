@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod cluster;
+mod image_cmd;
 mod node_cmd;
 mod size;
 
@@ -40,6 +41,8 @@ enum Cmd {
     Node(node_cmd::NodeArgs),
     /// Fetch an object from peers into the local store, verifying every chunk.
     Fetch(node_cmd::FetchArgs),
+    /// Ask a running node about images (--api URL).
+    Image(image_cmd::ImageArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Cluster(args) => cluster::run(args),
         Cmd::Node(args) => node_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
         Cmd::Fetch(args) => node_cmd::run_fetch(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Image(args) => image_cmd::run(args).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -278,6 +278,13 @@ impl Node {
                 registry: registry.clone(),
                 store: store.clone(),
                 info: Arc::new(info),
+                fetcher: Some(fetcher.clone()),
+                sites: cfg
+                    .parents
+                    .iter()
+                    .chain(cfg.peers.iter())
+                    .cloned()
+                    .collect(),
             });
             http.push(tokio::spawn(api::serve(
                 "api",

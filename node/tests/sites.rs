@@ -40,7 +40,7 @@ impl Cluster {
         cfg.identity = Some(id);
         cfg.site = name.to_owned();
         cfg.endpoint.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.api_listen = None;
+        cfg.api_listen = Some("127.0.0.1:0".parse().unwrap());
         cfg.registry_listen = Some("127.0.0.1:0".parse().unwrap());
         cfg.registry.push_open = Some(true);
         cfg.parents = parents;
@@ -207,6 +207,27 @@ async fn push_core_pull_edges_and_v2_moves_only_new_chunks() {
     }
     assert!(fetched(&edge2) > 0);
 
+    // `cairn image status`, through edge2's API: complete here and at
+    // edge1 (its parent).
+    let api = edge2.api_addr().unwrap();
+    let st: serde_json::Value = http
+        .get(format!("http://{api}/api/v1/image-status"))
+        .query(&[("ref", "demo/app:v1")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let states: Vec<&str> = st["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["complete", "complete"], "{st}");
+    assert!(st["chunks"].as_u64().unwrap() > 300, "{st}");
+
     // v2: the big layer with a few small edits, plus a new small layer.
     let mut edited = base.clone();
     for i in 0..4 {
@@ -218,6 +239,29 @@ async fn push_core_pull_edges_and_v2_moves_only_new_chunks() {
     let before = fetched(&edge1);
     pull(&http, &e1, "demo/app", "v2", &v2).await;
     let v2_chunks = fetched(&edge1) - before;
+    // edge2 has not pulled v2: from edge1's view, edge1 complete, core
+    // complete; from edge2's, itself partial (it shares v1's chunks).
+    let st: serde_json::Value = http
+        .get(format!(
+            "http://{}/api/v1/image-status",
+            edge1.api_addr().unwrap()
+        ))
+        .query(&[("ref", "demo/app:v2")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["sites"][0]["state"], "complete", "{st}");
+    assert_eq!(st["sites"][1]["state"], "complete", "{st}");
+    let missing = http
+        .get(format!("http://{api}/api/v1/image-status"))
+        .query(&[("ref", "demo/app:v2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404, "v2 is not known at edge2");
     // v2 is ~25 MiB (~400 chunks); only the edited neighbourhoods, the new
     // layer, config and manifest are new.
     assert!(

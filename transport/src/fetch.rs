@@ -311,6 +311,33 @@ impl Fetcher {
             .clone()
     }
 
+    /// Ask `peer` which of `ids` it holds (`Have`, in batches of
+    /// [`wire::MAX_BATCH`]). One bool per id, in order.
+    pub async fn have(&self, peer: &PeerAddr, ids: &[ChunkId]) -> Result<Vec<bool>, String> {
+        let p = self.peer(peer);
+        let conn = self.connection(&p).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(wire::MAX_BATCH) {
+            let frames = exchange(
+                &conn,
+                &Request::Have {
+                    ids: batch.to_vec(),
+                },
+                2,
+            )
+            .await?;
+            match frames.first() {
+                Some(Response::HaveBitmap { count, bits }) if *count as usize == batch.len() => {
+                    for i in 0..batch.len() {
+                        out.push(bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0));
+                    }
+                }
+                other => return Err(format!("unexpected answer to Have: {other:?}")),
+            }
+        }
+        Ok(out)
+    }
+
     /// Fetch an object's recipe from the first peer that has it (best peers
     /// first), check that it hashes to the id, and record it in the store
     /// pinned under `obj:<id>`. Returns the id and recipe.
