@@ -179,16 +179,7 @@ pub fn image_chunks(
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     let mut objects = vec![id];
-    let mut digests: Vec<String> = Vec::new();
-    if let Some(d) = v["config"]["digest"].as_str() {
-        digests.push(d.to_owned());
-    }
-    for l in v["layers"].as_array().into_iter().flatten() {
-        if let Some(d) = l["digest"].as_str() {
-            digests.push(d.to_owned());
-        }
-    }
-    for d in digests.iter().take(4096) {
+    for d in crate::pullthrough::blob_digests(&v).iter().take(4096) {
         let obj = store
             .resolve(&format!("blob/{repo}@{d}"))
             .or_else(|_| store.resolve(d))

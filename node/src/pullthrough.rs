@@ -107,15 +107,7 @@ impl PullThrough {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
             return;
         };
-        let mut digests: Vec<String> = Vec::new();
-        if let Some(d) = v["config"]["digest"].as_str() {
-            digests.push(d.to_owned());
-        }
-        for l in v["layers"].as_array().into_iter().flatten() {
-            if let Some(d) = l["digest"].as_str() {
-                digests.push(d.to_owned());
-            }
-        }
+        let mut digests = blob_digests(&v);
         digests.truncate(1024);
         for d in digests {
             let me = self.clone();
@@ -306,6 +298,21 @@ impl PullThrough {
             body: rx,
         }))
     }
+}
+
+/// The blobs an image manifest lists: its config, then its layers.
+pub(crate) fn blob_digests(manifest: &serde_json::Value) -> Vec<String> {
+    let config = manifest["config"]["digest"].as_str();
+    let layers = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str());
+    config
+        .into_iter()
+        .chain(layers)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Largest manifest pulled through (as the registry's own limit).
