@@ -63,8 +63,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use cairn_bench::{
-    command_line_output, human_bytes, median, pass_fail, regular_files, today, write_results,
-    MachineFacts, MdTable, MIB,
+    command_line_output, git_facts, human_bytes, median, pass_fail, ratio_cell, regular_files,
+    today, write_results, MachineFacts, MdTable, MIB,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -1590,14 +1590,6 @@ fn run(env: &Env<'_>) -> Result<Results> {
 // Report
 // ---------------------------------------------------------------------------
 
-fn rcell(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.2}")
-    } else {
-        "—".into()
-    }
-}
-
 fn secs_cell(s: &Series) -> String {
     if !s.ran() {
         return "—".into();
@@ -1638,43 +1630,6 @@ fn server_cpu_cell(x: &Series) -> String {
         })
         .collect();
     format!("{total} ({})", parts.join(" + "))
-}
-
-fn git_facts() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let head = command_line_output(Command::new("git").arg("-C").arg(&root).args([
-        "rev-parse",
-        "--short",
-        "HEAD",
-    ]))
-    .unwrap_or_else(|| "unknown".into());
-    let dirty = Command::new("git")
-        .arg("-C")
-        .arg(&root)
-        .args([
-            "status",
-            "--porcelain",
-            "--",
-            "node",
-            "cli",
-            "transport",
-            "chunkstore",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(|l| l.get(3..).unwrap_or(l).to_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    if dirty.is_empty() {
-        head
-    } else {
-        format!("{head} + uncommitted: {}", dirty.join(", "))
-    }
 }
 
 struct Report<'a> {
@@ -1757,43 +1712,43 @@ fn render(rp: &Report<'_>) -> String {
     t.row(&[
         format!("pull warm: Cairn core / docker-registry ≤ {WARM_TARGET}"),
         "skopeo copy docker:// → dir:, both holding the image".to_string(),
-        rcell(q.warm),
+        ratio_cell(q.warm),
         pf(q.warm_pass),
     ]);
     t.row(&[
         format!("pull cold edge: Cairn edge / docker-registry warm ≤ {COLD_TARGET}"),
         "fresh edge pulling through its parent (the core) over QUIC on loopback".to_string(),
-        rcell(q.cold),
+        ratio_cell(q.cold),
         pf(q.cold_pass),
     ]);
     t.row(&[
         "(context)".to_string(),
         "push: Cairn core / docker-registry (fresh servers each rep)".to_string(),
-        rcell(q.push),
+        ratio_cell(q.push),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "push, median of per-rep ratios".to_string(),
-        rcell(q.push_paired),
+        ratio_cell(q.push_paired),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "pull warm, median of per-rep ratios".to_string(),
-        rcell(q.warm_paired),
+        ratio_cell(q.warm_paired),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "pull cold: Cairn edge / docker-registry pull-through cache (cold)".to_string(),
-        rcell(q.cold_vs_proxy),
+        ratio_cell(q.cold_vs_proxy),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "docker-registry pull-through cache (cold) / docker-registry warm".to_string(),
-        rcell(q.proxy),
+        ratio_cell(q.proxy),
         String::new(),
     ]);
     s.push_str(&t.render());
@@ -1838,7 +1793,7 @@ fn render(rp: &Report<'_>) -> String {
             mbps_cell(x),
             cpu_cell(&x.client_cpu_s),
             server_cpu_cell(x),
-            base.map_or(String::new(), |b| rcell(time_ratio(x, b))),
+            base.map_or(String::new(), |b| ratio_cell(time_ratio(x, b))),
         ]);
     }
     s.push_str(&t.render());
@@ -2172,7 +2127,7 @@ fn main() -> Result<()> {
         argv: std::env::args().collect(),
         date: today(),
         machine,
-        git: git_facts(),
+        git: git_facts(&["node", "cli", "transport", "chunkstore"]),
         results: &results,
         ends: &ends,
         total_secs: started.elapsed().as_secs_f64(),

@@ -57,20 +57,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use bytes::Bytes;
 use cairn_bench::{
-    command_line_output, human_bytes, median, pass_fail, plain_write, random_bytes, today,
-    write_results, MachineFacts, MdTable, GIB, MIB,
+    command_line_output, git_facts, human_bytes, median, pass_fail, plain_write, random_bytes,
+    ratio_cell, today, write_results, MachineFacts, MdTable, GIB, MIB,
 };
-use cairn_chunkstore::{EngineKind, ObjectId, PutOptions, Store, StoreConfig};
+use cairn_chunkstore::{EngineKind, ObjectId, PutOptions, Store};
+use cairn_node::{Node, NodeConfig};
 use cairn_transport::identity::{ClusterCa, DenyList, Identity};
 use cairn_transport::tls::Refusals;
-use cairn_transport::wire::{Hello, ObjectKey, Priority, PROTOCOL_VERSION};
+use cairn_transport::wire::{ObjectKey, Priority};
 use cairn_transport::{
-    endpoint, Congestion, EndpointConfig, FetchConfig, FetchReport, Fetcher, PeerAddr, Server,
-    ServerConfig, TransportMetrics,
+    endpoint, Congestion, EndpointConfig, FetchConfig, FetchReport, Fetcher, PeerAddr,
 };
 use serde::Serialize;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// Cairn one-connection fetch (tmpfs) / bare quinn must reach this.
 const TARGET: f64 = 0.8;
@@ -692,83 +691,41 @@ async fn quinn_limit(
 // Cairn nodes
 // ---------------------------------------------------------------------------
 
-/// A node on loopback: store, endpoint, server and fetcher, all stopped by
-/// [`BenchNode::stop`] (which also removes the store directory).
+/// A [`cairn_node::Node`] on loopback with only its QUIC side (no HTTP
+/// listeners), stopped by [`BenchNode::stop`] (which also removes its data
+/// directory).
 struct BenchNode {
-    name: String,
+    node: Node,
     store: Arc<Store>,
-    endpoint: quinn::Endpoint,
-    server: Option<Server>,
     fetcher: Fetcher,
-    cancel: CancellationToken,
+    name: String,
     addr: SocketAddr,
     dir: PathBuf,
 }
 
 impl BenchNode {
-    /// Start a node with its store in `dir` (created; must not exist). Must
-    /// run inside the runtime.
-    fn start(id: &Identity, dir: PathBuf, opts: &Opts) -> Result<Self> {
+    /// Start node `id` (its identity directory is `ids.ca_dir/NAME`) with its
+    /// store in `dir` (created; must not exist).
+    async fn start(ids: &Identities, id: &Identity, dir: PathBuf, opts: &Opts) -> Result<Self> {
         let name = id.name().to_owned();
-        let registry = prometheus::Registry::new();
-        let store = Arc::new(
-            Store::open_with_registry(
-                dir.join("store"),
-                StoreConfig {
-                    engine: opts.engine,
-                    ..StoreConfig::default()
-                },
-                &registry,
-            )
-            .with_context(|| format!("open store in {}", dir.display()))?,
-        );
-        let metrics = TransportMetrics::new(&registry);
-        let refusals = Refusals::new();
-        refusals.register(&registry)?;
-        let ep = endpoint::bind(
-            id,
-            Arc::new(DenyList::default()),
-            refusals.clone(),
-            &opts.endpoint,
-        )?;
-        let addr = ep.local_addr()?;
-        let cancel = CancellationToken::new();
-        let hello = Hello {
-            node: name.clone(),
-            site: "bench".into(),
-            version: u16::from(PROTOCOL_VERSION),
-            capabilities: if opts.wire_zstd {
-                vec!["zstd".into()]
-            } else {
-                Vec::new()
-            },
-        };
-        let server = Server::spawn(
-            ep.clone(),
-            store.clone(),
-            ServerConfig {
-                hello: hello.clone(),
-                wire_zstd: opts.wire_zstd,
-            },
-            metrics.clone(),
-            refusals,
-            cancel.child_token(),
-        );
-        let fetcher = Fetcher::new(
-            ep.clone(),
-            store.clone(),
-            opts.fetch.clone(),
-            hello,
-            metrics,
-            cancel.child_token(),
-        );
+        let mut cfg = NodeConfig::new(dir.join("store"));
+        cfg.identity = Some(ids.ca_dir.join(&name));
+        cfg.site = "bench".into();
+        cfg.store.engine = opts.engine;
+        cfg.endpoint = opts.endpoint.clone();
+        cfg.fetch = opts.fetch.clone();
+        cfg.wire_zstd = opts.wire_zstd;
+        cfg.api_listen = None;
+        cfg.registry_listen = None;
+        let node = Node::start(cfg)
+            .await
+            .with_context(|| format!("start node {name} in {}", dir.display()))?;
+        let addr = node.local_addr().context("node has no QUIC address")?;
         Ok(Self {
+            store: node.store().clone(),
+            fetcher: node.fetcher().clone(),
+            node,
             name,
-            store,
-            endpoint: ep,
-            server: Some(server),
-            fetcher,
-            cancel,
             addr,
             dir,
         })
@@ -787,18 +744,15 @@ impl BenchNode {
         Ok((put.object, put.chunks))
     }
 
-    async fn stop(mut self) -> Result<()> {
-        self.cancel.cancel();
-        if let Some(s) = self.server.take() {
-            s.shutdown().await;
-        }
-        close_endpoint(&self.endpoint).await;
+    async fn stop(self) -> Result<()> {
         let Self {
+            node,
             store,
             fetcher,
             dir,
             ..
         } = self;
+        node.shutdown().await;
         drop(fetcher);
         // Let the connection and stream tasks see the token and let go of
         // the store before its files go away.
@@ -919,6 +873,8 @@ struct Env<'a> {
 }
 
 struct Identities {
+    /// Where `cairn cluster add-node` put each node's identity directory.
+    ca_dir: PathBuf,
     a: Identity,
     c: Identity,
     holders: Vec<Identity>,
@@ -970,7 +926,7 @@ async fn section_single(env: &Env<'_>) -> Result<SingleResult> {
     };
     let holder = match (&data, need_node) {
         (Some(data), true) => {
-            let a = BenchNode::start(&env.ids.a, env.fast.join("node-a"), o)?;
+            let a = BenchNode::start(env.ids, &env.ids.a, env.fast.join("node-a"), o).await?;
             progress(format!(
                 "node A: ingesting the object into {}",
                 a.dir.display()
@@ -1036,7 +992,7 @@ async fn section_single(env: &Env<'_>) -> Result<SingleResult> {
                     } else {
                         fast_seq.next("node-c")
                     };
-                    let c = BenchNode::start(&env.ids.c, dir, o)?;
+                    let c = BenchNode::start(env.ids, &env.ids.c, dir, o).await?;
                     let fetched = timed_fetch(&c, *id, vec![a.peer()], bytes).await;
                     c.stop().await?;
                     let (d, report) = fetched?;
@@ -1182,11 +1138,7 @@ async fn section_many(env: &Env<'_>) -> Result<ManyResult> {
     };
     let mut holders = Vec::new();
     for (i, id) in env.ids.holders.iter().enumerate() {
-        holders.push(BenchNode::start(
-            id,
-            env.fast.join(format!("holder-{i}")),
-            o,
-        )?);
+        holders.push(BenchNode::start(env.ids, id, env.fast.join(format!("holder-{i}")), o).await?);
     }
     let mut seq = DirSeq {
         root: env.fast.clone(),
@@ -1243,7 +1195,7 @@ async fn section_many(env: &Env<'_>) -> Result<ManyResult> {
                         (*id, p)
                     })
                     .collect();
-                let c = BenchNode::start(&env.ids.c, seq.next("many-c"), o)?;
+                let c = BenchNode::start(env.ids, &env.ids.c, seq.next("many-c"), o).await?;
                 let fetched = fetch_many(&c, jobs, o.many_bytes).await;
                 c.stop().await?;
                 let (d, report) = fetched?;
@@ -1298,14 +1250,6 @@ fn drops_cell(s: &Series) -> String {
     v.join(", ")
 }
 
-fn rcell(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.2}")
-    } else {
-        "—".into()
-    }
-}
-
 fn read_trim(path: &str) -> String {
     fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
@@ -1321,35 +1265,6 @@ struct NetFacts {
     /// `git rev-parse --short HEAD` and the files changed since under
     /// transport/ and chunkstore/ (the code measured).
     git: String,
-}
-
-fn git_facts() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let head = command_line_output(Command::new("git").arg("-C").arg(&root).args([
-        "rev-parse",
-        "--short",
-        "HEAD",
-    ]))
-    .unwrap_or_else(|| "unknown".into());
-    let dirty = Command::new("git")
-        .arg("-C")
-        .arg(&root)
-        .args(["status", "--porcelain", "--", "transport", "chunkstore"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(|l| l.get(3..).unwrap_or(l).to_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    if dirty.is_empty() {
-        head
-    } else {
-        format!("{head} + uncommitted: {}", dirty.join(", "))
-    }
 }
 
 struct Report<'a> {
@@ -1451,45 +1366,45 @@ fn render(r: &Report<'_>) -> String {
     t.row(&[
         format!("Cairn fetch / bare quinn ≥ {TARGET}"),
         "one connection, C's store on tmpfs".to_string(),
-        rcell(g.shm_over_quinn),
+        ratio_cell(g.shm_over_quinn),
         g.pass.map_or("n/a".into(), |p| pass_fail(p).to_string()),
     ]);
     t.row(&[
         "(context)".to_string(),
         "the same, median of per-rep ratios (each rep runs both back to back)".to_string(),
-        rcell(g.shm_over_quinn_paired),
+        ratio_cell(g.shm_over_quinn_paired),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "CPU-s/GB of bare quinn / of Cairn fetch (tmpfs): the ratio when both are CPU-bound"
             .to_string(),
-        rcell(g.shm_cpu_efficiency),
+        ratio_cell(g.shm_cpu_efficiency),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "Cairn fetch (tmpfs) / TCP".to_string(),
-        rcell(g.shm_over_tcp),
+        ratio_cell(g.shm_over_tcp),
         String::new(),
     ]);
     t.row(&[
         "(context)".to_string(),
         "Cairn fetch (disk) / bare quinn".to_string(),
-        rcell(g.disk_over_quinn),
+        ratio_cell(g.disk_over_quinn),
         String::new(),
     ]);
     if let Some(mn) = &r.many {
         t.row(&[
             "(context)".to_string(),
             format!("{} objects, own holder / bare quinn", mn.objects),
-            rcell(ratio(&mn.own_holder, &g.quinn)),
+            ratio_cell(ratio(&mn.own_holder, &g.quinn)),
             String::new(),
         ]);
         t.row(&[
             "(context)".to_string(),
             format!("{} objects, all holders / bare quinn", mn.objects),
-            rcell(ratio(&mn.all_holders, &g.quinn)),
+            ratio_cell(ratio(&mn.all_holders, &g.quinn)),
             String::new(),
         ]);
     }
@@ -1528,10 +1443,10 @@ fn render(r: &Report<'_>) -> String {
         t.row(&[
             name.to_string(),
             cell(x),
-            rcell(x.median_cpu_s_per_gb),
+            ratio_cell(x.median_cpu_s_per_gb),
             drops_cell(x),
-            rcell(ratio(x, &g.quinn)),
-            rcell(ratio(x, &g.tcp)),
+            ratio_cell(ratio(x, &g.quinn)),
+            ratio_cell(ratio(x, &g.tcp)),
         ]);
     }
     s.push_str(&t.render());
@@ -1624,11 +1539,11 @@ fn render(r: &Report<'_>) -> String {
             t.row(&[
                 name,
                 cell(x),
-                rcell(x.median_cpu_s_per_gb),
+                ratio_cell(x.median_cpu_s_per_gb),
                 drops_cell(x),
-                rcell(ratio(x, &g.quinn)),
-                rcell(ratio(x, &mn.quinn3)),
-                rcell(ratio(x, &g.tcp)),
+                ratio_cell(ratio(x, &g.quinn)),
+                ratio_cell(ratio(x, &mn.quinn3)),
+                ratio_cell(ratio(x, &g.tcp)),
             ]);
         }
         s.push_str(&t.render());
@@ -1753,7 +1668,7 @@ fn main() -> Result<()> {
         fast_dir: fast.display().to_string(),
         fast_fs,
         fast_note,
-        git: git_facts(),
+        git: git_facts(&["transport", "chunkstore"]),
     };
 
     let ca_dir = work.path().join("ca");
@@ -1761,6 +1676,7 @@ fn main() -> Result<()> {
     let identity =
         |name: &str| -> Result<Identity> { Ok(Identity::load(&ca.add_node(&ca_dir, name)?)?) };
     let ids = Identities {
+        ca_dir: ca_dir.clone(),
         a: identity("node-a")?,
         c: identity("node-c")?,
         holders: (1..=HOLDERS)

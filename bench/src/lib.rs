@@ -557,6 +557,47 @@ pub fn write_results(
     Ok((md, js))
 }
 
+/// The repository's HEAD, plus the files under `dirs` (paths relative to the
+/// repository root) that differ from it: what code a result was measured on.
+pub fn git_facts(dirs: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let head = command_line_output(Command::new("git").arg("-C").arg(&root).args([
+        "rev-parse",
+        "--short",
+        "HEAD",
+    ]))
+    .unwrap_or_else(|| "unknown".into());
+    let dirty = Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["status", "--porcelain", "--"])
+        .args(dirs)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| l.get(3..).unwrap_or(l).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if dirty.is_empty() {
+        head
+    } else {
+        format!("{head} + uncommitted: {}", dirty.join(", "))
+    }
+}
+
+/// A ratio for a table cell: two decimals, or a dash when it is not a number.
+pub fn ratio_cell(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "—".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
