@@ -160,6 +160,11 @@ impl PullThrough {
                 .await?;
         }
         let Some(id) = found else { return Ok(None) };
+        // A streaming GET of the same blob may have hashed and recorded it
+        // while this fetch ran: do not read and hash it all again.
+        if self.store.resolve(digest).ok() == Some(id) {
+            return Ok(Some(id));
+        }
         let got = self.record_sha256(id).await?;
         if got != hex {
             return Err(format!(
