@@ -962,7 +962,8 @@ impl Env<'_> {
             .args(["--site", identity])
             .args(["--registry-listen", "127.0.0.1:0"])
             .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--quic-listen", "127.0.0.1:0"]);
+            .args(["--quic-listen", "127.0.0.1:0"])
+            .args(["--nbd-listen", "127.0.0.1:0"]);
         if let Some(p) = parent {
             cmd.arg("--parent").arg(format!("core@{p}"));
         }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench -p cairn-bench --bench store -- [--quick] [--input-mib N]
-//!     [--reads N] [--dedup-mib N] [--reps N] [--tmp DIR]
+//!     [--reads N] [--dedup-mib N] [--reps N] [--chunk-cache-mib N] [--tmp DIR]
 //! ```
 //!
 //! A. Ingest of 1 GiB of seeded random bytes and of the first 1 GiB of
@@ -12,10 +12,11 @@
 //!    memory and a plain sequential write + `sync_data` of the same bytes.
 //!    Target: ingest / min(sha256, write) >= 0.5.
 //! B. Random 4 KiB-aligned reads of a stored 1 GiB random object (io_uring
-//!    and psync engines, verification on; one run with verification off)
-//!    against `pread` on a plain file of the same bytes, 1 and 2 threads,
-//!    cold (first touch after open) and warm. Target: Cairn / pread IOPS >=
-//!    0.5 with verification on.
+//!    and psync engines, verification on, the verified chunk cache sized to
+//!    hold the object; as context: the cache off, at its default size, and
+//!    verification off) against `pread` on a plain file of the same bytes,
+//!    1 and 2 threads, cold (first touch after open) and warm. Target:
+//!    Cairn / pread IOPS >= 0.5 with verification on.
 //! C. Dedup: a tar of ~300 MiB of /usr/lib files (v1), 5% of the files
 //!    modified in place (v2); the new bytes of v2's put against the bytes
 //!    actually changed.
@@ -64,13 +65,15 @@ struct Opts {
     dedup_bytes: u64,
     dedup_file_max: u64,
     reps: usize,
+    /// Chunk cache of the judged read rows: enough to hold the object.
+    chunk_cache_bytes: u64,
     tmp_root: PathBuf,
     user_args: Vec<String>,
 }
 
 fn usage() -> &'static str {
     "usage: cargo bench -p cairn-bench --bench store -- [--quick] [--input-mib N] [--reads N] \
-     [--dedup-mib N] [--reps N] [--tmp DIR]"
+     [--dedup-mib N] [--reps N] [--chunk-cache-mib N] [--tmp DIR]"
 }
 
 fn parse_args() -> Result<Opts> {
@@ -91,9 +94,11 @@ fn parse_args() -> Result<Opts> {
         dedup_bytes: if quick { 60 * MIB } else { 300 * MIB },
         dedup_file_max: 16 * MIB,
         reps: 3,
+        chunk_cache_bytes: 0,
         tmp_root: tmp_default,
         user_args: Vec::new(),
     };
+    let mut chunk_cache_mib = None;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
@@ -108,6 +113,7 @@ fn parse_args() -> Result<Opts> {
             "--reads" => o.reads = value(&a)?.parse()?,
             "--dedup-mib" => o.dedup_bytes = value(&a)?.parse::<u64>()? * MIB,
             "--reps" => o.reps = value(&a)?.parse::<usize>()?.max(1),
+            "--chunk-cache-mib" => chunk_cache_mib = Some(value(&a)?.parse::<u64>()?),
             "--tmp" => o.tmp_root = PathBuf::from(value(&a)?),
             "-h" | "--help" => {
                 println!("{}", usage());
@@ -122,6 +128,16 @@ fn parse_args() -> Result<Opts> {
         .collect();
     ensure!(o.input_bytes >= 8 * MIB, "--input-mib must be at least 8");
     ensure!(o.reads > 0, "--reads must be positive");
+    // The object plus a quarter: the cache's shards each get about an
+    // eighth of the chunks, give or take, and each entry carries overhead.
+    o.chunk_cache_bytes = match chunk_cache_mib {
+        Some(m) => m * MIB,
+        None => (o.input_bytes + o.input_bytes / 4).div_ceil(MIB) * MIB,
+    };
+    ensure!(
+        o.chunk_cache_bytes > 0,
+        "--chunk-cache-mib must be positive"
+    );
     Ok(o)
 }
 
@@ -138,10 +154,11 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-fn store_cfg(engine: EngineKind, verify: bool) -> StoreConfig {
+fn store_cfg(engine: EngineKind, verify: bool, chunk_cache_bytes: u64) -> StoreConfig {
     StoreConfig {
         engine,
         verify_reads: verify,
+        chunk_cache_bytes,
         ..StoreConfig::default()
     }
 }
@@ -338,9 +355,14 @@ struct ReadRow {
     config: String,
     engine: String,
     verify_reads: Option<bool>,
+    /// `StoreConfig::chunk_cache_bytes` (None for pread; 0 = off).
+    chunk_cache_bytes: Option<u64>,
     threads: usize,
     pass: &'static str,
     summary: LatencySummary,
+    /// Chunk lookups in this pass that hit / missed the chunk cache.
+    cache_hits: Option<u64>,
+    cache_misses: Option<u64>,
     ratio_vs_pread: Option<f64>,
     meets_target: Option<bool>,
 }
@@ -359,14 +381,19 @@ struct ReadsResult {
     fixed_geometry: ReadGeometry,
     /// BLAKE3 of one 4 KiB buffer in memory, ns (median of 5 batches).
     blake3_4k_ns: f64,
+    /// Chunk cache of the judged rows.
+    chunk_cache_bytes: u64,
+    /// `StoreConfig::default().chunk_cache_bytes`.
+    default_chunk_cache_bytes: u64,
     rows: Vec<ReadRow>,
     notes: Vec<String>,
 }
 
 struct CairnConfig {
-    label: &'static str,
+    label: String,
     engine: EngineKind,
     verify: bool,
+    chunk_cache_bytes: u64,
     /// Counts against the ≥ 0.5 target.
     judged: bool,
     /// Read the fixed-size-chunk copy instead of the CDC object.
@@ -431,7 +458,7 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
     let blake3_4k_ns = median(&per_batch);
 
     let mut notes = Vec::new();
-    let uring_ok = match Store::open(&store_dir, store_cfg(EngineKind::Uring, true)) {
+    let uring_ok = match Store::open(&store_dir, store_cfg(EngineKind::Uring, true, 0)) {
         Ok(_) => true,
         Err(e) => {
             notes.push(format!(
@@ -440,43 +467,81 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
             false
         }
     };
+    let either = if uring_ok {
+        EngineKind::Uring
+    } else {
+        EngineKind::Psync
+    };
+    let holds = opts.chunk_cache_bytes;
+    let default_cache = StoreConfig::default().chunk_cache_bytes;
+    let cfg = |label: String, engine, verify, chunk_cache_bytes, judged, fixed| CairnConfig {
+        label,
+        engine,
+        verify,
+        chunk_cache_bytes,
+        judged,
+        fixed,
+    };
     let configs = [
-        CairnConfig {
-            label: "cairn uring verify",
-            engine: EngineKind::Uring,
-            verify: true,
-            judged: true,
-            fixed: false,
-        },
-        CairnConfig {
-            label: "cairn psync verify",
-            engine: EngineKind::Psync,
-            verify: true,
-            judged: true,
-            fixed: false,
-        },
-        CairnConfig {
-            label: "cairn uring no-verify",
-            engine: if uring_ok {
-                EngineKind::Uring
-            } else {
-                EngineKind::Psync
-            },
-            verify: false,
-            judged: false,
-            fixed: false,
-        },
-        CairnConfig {
-            label: "cairn uring verify, fixed 64 KiB chunks",
-            engine: if uring_ok {
-                EngineKind::Uring
-            } else {
-                EngineKind::Psync
-            },
-            verify: true,
-            judged: false,
-            fixed: true,
-        },
+        cfg(
+            format!("cairn uring verify, chunk cache {}", human_bytes(holds)),
+            EngineKind::Uring,
+            true,
+            holds,
+            true,
+            false,
+        ),
+        cfg(
+            format!("cairn psync verify, chunk cache {}", human_bytes(holds)),
+            EngineKind::Psync,
+            true,
+            holds,
+            true,
+            false,
+        ),
+        cfg(
+            format!(
+                "cairn uring verify, chunk cache {} (default)",
+                human_bytes(default_cache)
+            ),
+            either,
+            true,
+            default_cache,
+            false,
+            false,
+        ),
+        cfg(
+            "cairn uring verify, chunk cache off".into(),
+            EngineKind::Uring,
+            true,
+            0,
+            false,
+            false,
+        ),
+        cfg(
+            "cairn psync verify, chunk cache off".into(),
+            EngineKind::Psync,
+            true,
+            0,
+            false,
+            false,
+        ),
+        cfg(
+            "cairn uring no-verify".into(),
+            either,
+            false,
+            0,
+            false,
+            false,
+        ),
+        cfg(
+            "cairn uring verify, fixed 64 KiB chunks, chunk cache off".into(),
+            either,
+            true,
+            0,
+            false,
+            true,
+        ),
     ];
 
     let mut rows = Vec::new();
@@ -490,9 +555,12 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 config: "pread (plain file)".into(),
                 engine: "pread".into(),
                 verify_reads: None,
+                chunk_cache_bytes: None,
                 threads,
                 pass,
                 summary: s,
+                cache_hits: None,
+                cache_misses: None,
                 ratio_vs_pread: None,
                 meets_target: None,
             });
@@ -502,8 +570,12 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 continue;
             }
             progress(format!("reads: {}, {threads} thread(s)", c.label));
-            // Fresh open: empty outboard and metadata caches.
-            let store = Store::open(&store_dir, store_cfg(c.engine, c.verify)).context(c.label)?;
+            // Fresh open: empty chunk, outboard and metadata caches.
+            let store = Store::open(
+                &store_dir,
+                store_cfg(c.engine, c.verify, c.chunk_cache_bytes),
+            )
+            .with_context(|| c.label.clone())?;
             let engine = store.engine_name().to_string();
             let h = store.open_object(if c.fixed { &fixed_object } else { &object })?;
             ensure!(
@@ -512,8 +584,13 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 h.len()
             );
             let read = |o: u64, b: &mut [u8]| h.read_at(o, b).map_err(anyhow::Error::from);
+            let m = store.metrics();
+            let lookups = || (m.chunk_cache_hits.get(), m.chunk_cache_misses.get());
+            let l0 = lookups();
             let s_cold = run_reads(&cold, READ_LEN, threads, read)?;
+            let l1 = lookups();
             let s_warm = run_reads(&warm, READ_LEN, threads, read)?;
+            let l2 = lookups();
             // Untimed: the store returns the same bytes as the plain file.
             let (mut a, mut b) = (vec![0u8; READ_LEN], vec![0u8; READ_LEN]);
             for &o in aligned_offsets(len, READ_LEN as u64, CHECK_READS, SEED_WARM ^ 1).iter() {
@@ -525,15 +602,22 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                     c.label
                 );
             }
-            for (pass, s, base) in [("cold", s_cold, base_cold), ("warm", s_warm, base_warm)] {
+            let cached = c.verify && c.chunk_cache_bytes > 0;
+            for (pass, s, base, (a, b)) in [
+                ("cold", s_cold, base_cold, (l0, l1)),
+                ("warm", s_warm, base_warm, (l1, l2)),
+            ] {
                 let ratio = s.iops / base.iops;
                 rows.push(ReadRow {
-                    config: c.label.into(),
+                    config: c.label.clone(),
                     engine: engine.clone(),
                     verify_reads: Some(c.verify),
+                    chunk_cache_bytes: Some(c.chunk_cache_bytes),
                     threads,
                     pass,
                     summary: s,
+                    cache_hits: cached.then_some(b.0 - a.0),
+                    cache_misses: cached.then_some(b.1 - a.1),
                     ratio_vs_pread: Some(ratio),
                     meets_target: c.judged.then_some(ratio >= READ_TARGET),
                 });
@@ -551,6 +635,8 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
         fixed_chunk_len: FIXED_CHUNK,
         fixed_geometry,
         blake3_4k_ns,
+        chunk_cache_bytes: holds,
+        default_chunk_cache_bytes: default_cache,
         rows,
         notes,
     })
@@ -871,16 +957,29 @@ fn render(r: &Report<'_>) -> String {
     );
     let _ = writeln!(
         s,
-        "Cold = first reads after `Store::open` (outboards computed on first touch of each chunk; offsets seed {SEED_COLD:#x}); warm = next batch (seed {SEED_WARM:#x}). \
-         pread = `FileExt::read_exact_at` on a plain file holding the same bytes, read fully once beforehand. \
+        "**Chunk cache.** The judged rows run with Cairn's verified chunk cache (`StoreConfig::chunk_cache_bytes`) set to {}, \
+         which holds the whole object; the store's default is {}. The cache keeps whole chunks, uncompressed, whose BLAKE3 \
+         matched their id when they were read from disk; a read that hits it is a copy from memory, with no I/O and no hashing. \
+         It starts empty at `Store::open` and is filled by random reads only: a chunk's first read reads and hashes it whole. \
+         Rows with the cache off (every read goes to the segment file and verifies the 4 KiB groups it covers) or at the \
+         default size are context. `cache hits` = the pass's chunk lookups that hit the cache.\n",
+        human_bytes(rd.chunk_cache_bytes),
+        human_bytes(rd.default_chunk_cache_bytes),
+    );
+    let _ = writeln!(
+        s,
+        "Cold = first reads after `Store::open` (chunk cache and outboards empty: each chunk's first read reads and hashes it whole; offsets seed {SEED_COLD:#x}); warm = next batch (seed {SEED_WARM:#x}). \
+         pread = `FileExt::read_exact_at` on a plain file holding the same bytes, read fully once beforehand, so it is served from the page cache. \
          With 2 threads the offsets are split in halves and both threads share one `ObjectHandle`. \
          Latency per call via `Instant`; IOPS = reads / wall time.\n"
     );
     let mut t = MdTable::new(&[
         "config",
         "engine",
+        "chunk cache",
         "threads",
         "pass",
+        "cache hits",
         "IOPS",
         "p50 µs",
         "p99 µs",
@@ -891,11 +990,25 @@ fn render(r: &Report<'_>) -> String {
     ]);
     for row in &rd.rows {
         let x = &row.summary;
+        let cache = match (row.verify_reads, row.chunk_cache_bytes) {
+            (None, _) => "—".to_string(),
+            (Some(false), _) => "off (verify off)".to_string(),
+            (Some(true), Some(b)) if b > 0 => human_bytes(b),
+            (Some(true), _) => "off".to_string(),
+        };
+        let hits = match (row.cache_hits, row.cache_misses) {
+            (Some(h), Some(m)) if h + m > 0 => {
+                format!("{:.1}%", h as f64 * 100.0 / (h + m) as f64)
+            }
+            _ => "—".to_string(),
+        };
         t.row(&[
             row.config.clone(),
             row.engine.clone(),
+            cache,
             row.threads.to_string(),
             row.pass.to_string(),
+            hits,
             format!("{:.0}", x.iops),
             us(x.p50_ns),
             us(x.p99_ns),
@@ -909,7 +1022,7 @@ fn render(r: &Report<'_>) -> String {
     s.push_str(&t.render());
     let _ = writeln!(
         s,
-        "\nWhere the warm-pass reads land (verification works on 4 KiB groups counted from each chunk's start; \
+        "\nWhere the warm-pass reads land, for reads that miss the chunk cache (verification works on 4 KiB groups counted from each chunk's start; \
          the fixed-chunk rows read a second copy of the same bytes stored with `ChunkerConfig::Fixed {{ size: {} }}`, context only):\n",
         rd.fixed_chunk_len
     );
@@ -935,7 +1048,7 @@ fn render(r: &Report<'_>) -> String {
     s.push_str(&t.render());
     let _ = writeln!(
         s,
-        "\nBLAKE3 of one 4 KiB group in memory: {:.0} ns (so {:.2} groups per read cost ≈ {:.1} µs of hashing alone, vs a pread p50 of {} µs).",
+        "\nBLAKE3 of one 4 KiB group in memory: {:.0} ns (so {:.2} groups per read cost ≈ {:.1} µs of hashing alone, vs a pread p50 of {} µs; a chunk cache hit hashes nothing).",
         rd.blake3_4k_ns,
         rd.geometry.mean_groups,
         rd.blake3_4k_ns * rd.geometry.mean_groups / 1e3,
@@ -1074,6 +1187,7 @@ fn main() -> Result<()> {
             "dedup_bytes": opts.dedup_bytes,
             "dedup_file_max": opts.dedup_file_max,
             "reps": opts.reps,
+            "chunk_cache_bytes": opts.chunk_cache_bytes,
             "work_root": opts.tmp_root,
         },
         "machine": report.machine,

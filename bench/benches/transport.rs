@@ -716,6 +716,7 @@ impl BenchNode {
         cfg.fetch = opts.fetch.clone();
         cfg.wire_zstd = opts.wire_zstd;
         cfg.api_listen = None;
+        cfg.nbd_listen = None;
         cfg.registry_listen = None;
         let node = Node::start(cfg)
             .await

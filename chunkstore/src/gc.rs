@@ -186,6 +186,7 @@ impl Store {
             for id in &dead {
                 self.inner.meta_cache.remove(id);
                 self.inner.outboards.remove(id);
+                self.uncache_chunk(id);
             }
             drop(in_use);
             self.inner.atime.lock().retain(|id, _| !dead.contains(id));
@@ -370,6 +371,7 @@ impl Store {
             for id in &gone {
                 self.inner.meta_cache.remove(id);
                 self.inner.outboards.remove(id);
+                self.uncache_chunk(id);
             }
             self.inner.metrics.evictions.inc_by(gone.len() as u64);
             self.inner.metrics.evicted_bytes.inc_by(evicted);

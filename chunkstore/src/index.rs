@@ -152,19 +152,31 @@ pub struct ObjectInfo {
     pub created: u64,
 }
 
-/// A name's entry: the object and when it was set.
+/// A name's entry: the object, when it was set, and (for names replicated
+/// between sites, such as OCI tags) a version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NameEntry {
     /// Target object.
     pub object: ObjectId,
     /// Unix milliseconds of the last update.
     pub updated_ms: u64,
+    /// The writer's version (a hybrid logical clock reading), or 0 for a
+    /// name that is not versioned. [`Store::set_name_versioned`] keeps the
+    /// entry with the highest `(version, object)`.
+    ///
+    /// [`Store::set_name_versioned`]: crate::Store::set_name_versioned
+    pub version: u64,
 }
 
 impl NameEntry {
+    /// Encoded: object (32) | updated_ms (8) [| version (8), when non-zero].
+    /// Entries written before versions existed are 40 bytes and read as 0.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut v = self.object.as_bytes().to_vec();
         v.extend_from_slice(&self.updated_ms.to_le_bytes());
+        if self.version != 0 {
+            v.extend_from_slice(&self.version.to_le_bytes());
+        }
         v
     }
 
@@ -173,16 +185,30 @@ impl NameEntry {
             what: format!("name {}", String::from_utf8_lossy(name)),
             why: "wrong length".into(),
         };
-        if b.len() != 40 {
+        if b.len() != 40 && b.len() != 48 {
             return Err(bad());
         }
         let object = ObjectId::from_slice(&b[..32]).ok_or_else(bad)?;
         let mut t = [0; 8];
         t.copy_from_slice(&b[32..40]);
+        let mut version = 0;
+        if b.len() == 48 {
+            let mut v = [0; 8];
+            v.copy_from_slice(&b[40..48]);
+            version = u64::from_le_bytes(v);
+        }
         Ok(Self {
             object,
             updated_ms: u64::from_le_bytes(t),
+            version,
         })
+    }
+
+    /// The order in which concurrent versions of one name win: the higher
+    /// version, then (for equal versions) the higher object id. Total and
+    /// the same at every site.
+    pub fn wins_over(&self, other: &NameEntry) -> bool {
+        (self.version, self.object.as_bytes()) > (other.version, other.object.as_bytes())
     }
 }
 

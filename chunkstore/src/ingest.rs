@@ -492,6 +492,7 @@ impl Store {
             let e = NameEntry {
                 object,
                 updated_ms: now_ms(),
+                version: 0,
             };
             batch.put_cf(self.cf(index::CF_NAMES), n.as_bytes(), e.encode());
         }

@@ -32,6 +32,8 @@ pub mod index;
 mod ingest;
 #[cfg(feature = "store")]
 mod metrics;
+#[cfg(feature = "store")]
+mod names;
 pub mod outboard;
 pub mod recipe;
 #[cfg(feature = "store")]

@@ -23,6 +23,13 @@ pub struct StoreMetrics {
     pub ingested_bytes: IntCounter,
     /// Chunks whose bytes did not match their id.
     pub verify_failures: IntCounter,
+    /// Random reads served from the verified chunk cache (no I/O, no hash).
+    pub chunk_cache_hits: IntCounter,
+    /// Random reads that looked in the verified chunk cache and missed.
+    pub chunk_cache_misses: IntCounter,
+    /// Bytes charged to the verified chunk cache (chunk bytes plus a fixed
+    /// per-entry overhead).
+    pub chunk_cache_bytes: IntGauge,
     /// Chunks evicted under the byte budget.
     pub evictions: IntCounter,
     /// Bytes evicted under the byte budget.
@@ -107,6 +114,21 @@ impl StoreMetrics {
                 "cairn_store_verify_failures_total",
                 "Chunks whose bytes did not match their id",
             ),
+            chunk_cache_hits: counter(
+                reg,
+                "cairn_store_chunk_cache_hits_total",
+                "Random reads served from the verified chunk cache",
+            ),
+            chunk_cache_misses: counter(
+                reg,
+                "cairn_store_chunk_cache_misses_total",
+                "Random reads that missed the verified chunk cache",
+            ),
+            chunk_cache_bytes: gauge(
+                reg,
+                "cairn_store_chunk_cache_bytes",
+                "Bytes held by the verified chunk cache, with per-entry overhead",
+            ),
             evictions: counter(
                 reg,
                 "cairn_store_evictions_total",
@@ -164,6 +186,9 @@ mod tests {
             "cairn_store_gc_runs_total",
             "cairn_store_verify_failures_total",
             "cairn_store_evictions_total",
+            "cairn_store_chunk_cache_hits_total",
+            "cairn_store_chunk_cache_misses_total",
+            "cairn_store_chunk_cache_bytes",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

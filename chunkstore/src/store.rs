@@ -54,6 +54,13 @@ pub struct StoreConfig {
     pub inline_max: usize,
     /// Memory for cached outboards (random-read verification state).
     pub outboard_cache_bytes: u64,
+    /// Memory for the verified chunk cache: whole chunks, uncompressed, whose
+    /// BLAKE3 was checked against their id when they were read from disk.
+    /// Random reads (`ObjectHandle::read_at`) that hit it copy from memory,
+    /// with no I/O and no hashing. Filled only by random reads; streaming
+    /// and whole-chunk reads neither fill nor consult it. 0 disables it; it
+    /// is also off when `verify_reads` is off. Default 256 MiB.
+    pub chunk_cache_bytes: u64,
     /// GC compacts a segment when less than this fraction of it is live.
     pub compact_below: f64,
 }
@@ -69,6 +76,10 @@ impl Default for StoreConfig {
             segment_bytes: 256 << 20,
             inline_max: 4096,
             outboard_cache_bytes: 64 << 20,
+            // Room for a few VM images' random-read working sets (boot reads
+            // a few hundred MiB at most) next to the 64 MiB outboard and
+            // 64 MiB RocksDB block caches, on edge nodes with a few GiB.
+            chunk_cache_bytes: 256 << 20,
             compact_below: 0.5,
         }
     }
@@ -89,6 +100,54 @@ impl quick_cache::Weighter<ChunkId, Arc<Outboard>> for OutboardWeighter {
     }
 }
 
+/// What the chunk cache charges per entry beyond the chunk's bytes: the key,
+/// the `Bytes` handle, its shared header and the cache's own slot.
+const CHUNK_ENTRY_OVERHEAD: u64 = 128;
+
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkWeighter;
+
+impl quick_cache::Weighter<ChunkId, Bytes> for ChunkWeighter {
+    fn weight(&self, _k: &ChunkId, v: &Bytes) -> u64 {
+        v.len() as u64 + CHUNK_ENTRY_OVERHEAD
+    }
+}
+
+/// Hands the chunks the cache pushes out back to the inserting caller, which
+/// turns each into an outboard outside the cache's locks (see
+/// `Store::cache_verified`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeepEvicted;
+
+impl quick_cache::Lifecycle<ChunkId, Bytes> for KeepEvicted {
+    type RequestState = Vec<(ChunkId, Bytes)>;
+
+    fn begin_request(&self) -> Self::RequestState {
+        Vec::new()
+    }
+
+    fn on_evict(&self, state: &mut Self::RequestState, key: ChunkId, val: Bytes) {
+        state.push((key, val));
+    }
+}
+
+/// Whole chunks whose bytes were hashed and matched their id, by id. A
+/// chunk's content never changes, so an entry never goes stale: compaction
+/// moving the chunk leaves it valid. Readers still look the chunk up in the
+/// index first, so a chunk that GC, eviction or quarantine removed reads as
+/// missing even while its bytes linger here; those paths also drop the entry
+/// to give the memory back.
+pub(crate) type ChunkCache =
+    Cache<ChunkId, Bytes, ChunkWeighter, quick_cache::DefaultHashBuilder, KeepEvicted>;
+
+/// A random read that misses the chunk cache but finds the chunk's outboard
+/// (the chunk was read whole before and has since left the chunk cache)
+/// verifies only the 4 KiB groups it reads. One such read in this many
+/// instead reads, hashes and caches the whole chunk, so chunks read again and
+/// again come back into the cache, while random reads over far more data than
+/// the cache holds pay a whole-chunk read on about 1 miss in this many only.
+const PROMOTE_EVERY: u64 = 8;
+
 pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     pub(crate) seg_dir: PathBuf,
@@ -100,6 +159,10 @@ pub(crate) struct Inner {
     pub(crate) active: Mutex<ActiveSegment>,
     pub(crate) meta_cache: Cache<ChunkId, Arc<ChunkMeta>>,
     pub(crate) outboards: Cache<ChunkId, Arc<Outboard>, OutboardWeighter>,
+    /// `None` when `chunk_cache_bytes` is 0 or `verify_reads` is off.
+    pub(crate) chunk_cache: Option<ChunkCache>,
+    /// Counts chunk-cache misses that found an outboard (see `PROMOTE_EVERY`).
+    pub(crate) promote_tick: AtomicU64,
     pub(crate) recipes: Cache<ObjectId, Arc<Recipe>>,
     pub(crate) in_use: Mutex<HashMap<ChunkId, u32>>,
     /// Segments holding chunks of ingests not yet committed; compaction
@@ -108,6 +171,8 @@ pub(crate) struct Inner {
     pub(crate) seg_writers: Mutex<HashMap<u32, u32>>,
     pub(crate) commit_lock: RwLock<()>,
     pub(crate) gc_lock: Mutex<()>,
+    /// Serialises compare-and-set of versioned names.
+    pub(crate) names_lock: Mutex<()>,
     pub(crate) atime: Mutex<HashMap<ChunkId, u64>>,
     pub(crate) clock: AtomicU64,
     pub(crate) metrics: StoreMetrics,
@@ -293,11 +358,23 @@ impl Store {
                 cfg.outboard_cache_bytes,
                 OutboardWeighter,
             ),
+            chunk_cache: (cfg.verify_reads && cfg.chunk_cache_bytes > 0).then(|| {
+                Cache::with(
+                    // Estimated entries: chunks of the default 64 KiB average.
+                    (cfg.chunk_cache_bytes / (64 << 10)).max(16) as usize,
+                    cfg.chunk_cache_bytes,
+                    ChunkWeighter,
+                    quick_cache::DefaultHashBuilder::default(),
+                    KeepEvicted,
+                )
+            }),
+            promote_tick: AtomicU64::new(0),
             recipes: Cache::new(4096),
             in_use: Mutex::new(HashMap::new()),
             seg_writers: Mutex::new(HashMap::new()),
             commit_lock: RwLock::new(()),
             gc_lock: Mutex::new(()),
+            names_lock: Mutex::new(()),
             atime: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(1),
             metrics,
@@ -505,6 +582,7 @@ impl Store {
         }
         self.inner.meta_cache.remove(id);
         self.inner.outboards.remove(id);
+        self.uncache_chunk(id);
         m.remove(id);
         drop(m);
         self.inner.metrics.verify_failures.inc();
@@ -517,9 +595,59 @@ impl Store {
         }
     }
 
-    /// Read `buf.len()` bytes of chunk `id` starting at `start`, verifying
-    /// only the 4 KiB groups read once the chunk's outboard is known.
+    /// Keep a whole chunk whose bytes matched its id in the chunk cache.
+    ///
+    /// While a chunk is cached it needs no outboard, so a first read with
+    /// the cache on only checks the chunk's id (one BLAKE3 pass, about twice
+    /// as fast as building the outboard's per-group hashes). The outboard is
+    /// built when the cache pushes the chunk out, from the verified bytes
+    /// still in hand (no I/O), so later reads of it verify only the 4 KiB
+    /// groups they touch.
+    fn cache_verified(&self, id: &ChunkId, data: &Bytes) {
+        let Some(c) = &self.inner.chunk_cache else {
+            return;
+        };
+        let evicted = c.insert_with_lifecycle(*id, data.clone());
+        self.inner.metrics.chunk_cache_bytes.set(c.weight() as i64);
+        for (eid, bytes) in evicted {
+            // Outboards serve plain segment chunks of more than one group
+            // only; compressed chunks are read whole.
+            let compressed = self
+                .inner
+                .meta_cache
+                .peek(&eid)
+                .is_some_and(|m| m.compressed);
+            if bytes.len() <= GROUP_LEN || compressed || self.inner.outboards.contains_key(&eid) {
+                continue;
+            }
+            if let (got, Some(ob)) = Outboard::compute(&bytes) {
+                if got == eid {
+                    self.inner.outboards.insert(eid, Arc::new(ob));
+                }
+            }
+        }
+    }
+
+    /// Drop a chunk from the chunk cache: it was quarantined, collected or
+    /// evicted. (Reads would report it missing anyway, since they look in
+    /// the index first; this gives the memory back.)
+    pub(crate) fn uncache_chunk(&self, id: &ChunkId) {
+        if let Some(c) = &self.inner.chunk_cache {
+            if c.remove(id).is_some() {
+                self.inner.metrics.chunk_cache_bytes.set(c.weight() as i64);
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes of chunk `id` starting at `start` (the random
+    /// read path), verified: from the chunk cache when the chunk is there;
+    /// else, once the chunk's outboard is known, by reading and hashing only
+    /// the 4 KiB groups the range covers; else by reading and hashing the
+    /// whole chunk, which then goes into the chunk cache (or, with the cache
+    /// off, leaves its outboard in the outboard cache).
     pub(crate) fn read_chunk_range(&self, id: &ChunkId, start: u64, buf: &mut [u8]) -> Result<()> {
+        // The index comes first, even for a cached chunk: a chunk that GC,
+        // eviction or quarantine removed reads as missing.
         let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
         let end = start + buf.len() as u64;
         if end > u64::from(meta.raw_len) {
@@ -528,21 +656,38 @@ impl Store {
                 why: "shorter than its recipe says".into(),
             });
         }
+        // Present only when verify_reads is on.
+        let cache = self.inner.chunk_cache.as_ref();
+        if let Some(cache) = cache {
+            if let Some(data) = cache.get(id) {
+                // Verified bytes are exactly `raw_len` long unless the index
+                // entry lies; then fall through to the disk paths, which
+                // report it.
+                if let Some(src) = data.get(start as usize..end as usize) {
+                    buf.copy_from_slice(src);
+                    self.inner.metrics.chunk_cache_hits.inc();
+                    self.touch(id);
+                    return Ok(());
+                }
+            }
+            self.inner.metrics.chunk_cache_misses.inc();
+        }
         let plain_segment = match &meta.loc {
             Location::Segment { seg, offset, .. } if !meta.compressed => Some((*seg, *offset)),
             _ => None,
         };
-        let Some((seg_no, payload_off)) =
-            plain_segment.filter(|_| meta.raw_len as usize > GROUP_LEN)
-        else {
-            let data = self.read_chunk_with(id, &meta, self.inner.cfg.verify_reads)?;
+        let seg = plain_segment
+            .filter(|_| meta.raw_len as usize > GROUP_LEN)
+            .and_then(|(seg_no, payload_off)| Some((self.segment(seg_no)?, payload_off)));
+        // Inline, compressed or single-group chunks, or a segment compaction
+        // removed (the slow path re-reads the index): read whole.
+        let Some((seg, payload_off)) = seg else {
+            let verify = self.inner.cfg.verify_reads;
+            let data = self.read_chunk_with(id, &meta, verify)?;
             buf.copy_from_slice(&data[start as usize..end as usize]);
-            return Ok(());
-        };
-        let Some(seg) = self.segment(seg_no) else {
-            // Moved by compaction: the slow path re-reads the index.
-            let data = self.read_chunk_with(id, &meta, self.inner.cfg.verify_reads)?;
-            buf.copy_from_slice(&data[start as usize..end as usize]);
+            if verify {
+                self.cache_verified(id, &data);
+            }
             return Ok(());
         };
         if !self.inner.cfg.verify_reads {
@@ -554,18 +699,35 @@ impl Store {
             self.touch(id);
             return Ok(());
         }
-        let ob = match self.inner.outboards.get(id) {
-            Some(ob) => ob,
-            None => {
+        let ob = self.inner.outboards.get(id);
+        let promote = cache.is_some()
+            && ob.is_some()
+            && self.inner.promote_tick.fetch_add(1, Ordering::Relaxed) % PROMOTE_EVERY
+                == PROMOTE_EVERY - 1;
+        let ob = match ob {
+            Some(ob) if !promote => ob,
+            _ => {
+                // Whole chunk: read and hash it. With the chunk cache on
+                // (a first read, or a promotion) only its id is checked and
+                // its bytes are cached; the outboard is built if the chunk
+                // leaves the cache. With the cache off the outboard is built
+                // now, in the same pass.
                 let (stored, path, offset) = self.read_stored(id, &meta)?;
                 self.inner.metrics.chunks_read.inc();
-                let (got, ob) = Outboard::compute(&stored);
-                let ob = match ob {
-                    Some(ob) if got == *id => Arc::new(ob),
-                    _ => return Err(self.quarantine(id, &stored, path, offset)),
-                };
-                self.inner.outboards.insert(*id, ob.clone());
+                if cache.is_some() {
+                    if ChunkId::of(&stored) != *id {
+                        return Err(self.quarantine(id, &stored, path, offset));
+                    }
+                } else {
+                    match Outboard::compute(&stored) {
+                        (got, Some(ob)) if got == *id => {
+                            self.inner.outboards.insert(*id, Arc::new(ob));
+                        }
+                        _ => return Err(self.quarantine(id, &stored, path, offset)),
+                    }
+                }
                 buf.copy_from_slice(&stored[start as usize..end as usize]);
+                self.cache_verified(id, &stored);
                 self.touch(id);
                 return Ok(());
             }
@@ -706,6 +868,7 @@ impl Store {
         let e = NameEntry {
             object: *object,
             updated_ms: now_ms(),
+            version: 0,
         };
         let _c = self.inner.commit_lock.read();
         self.inner.db.put_cf_opt(
