@@ -324,6 +324,7 @@ impl Fetcher {
                     ids: batch.to_vec(),
                 },
                 2,
+                Duration::from_secs(30),
             )
             .await?;
             match frames.first() {
@@ -336,6 +337,37 @@ impl Fetcher {
             }
         }
         Ok(out)
+    }
+
+    /// Offer `peer` the manifest `digest` of `repo` (tagged `tag` at
+    /// `version` when `tag` is not empty): the peer pulls what it lacks
+    /// from us and answers with its tag state afterwards, `(digest,
+    /// version)`. Waits up to `timeout` for the pull to finish.
+    pub async fn offer(
+        &self,
+        peer: &PeerAddr,
+        repo: &str,
+        tag: &str,
+        digest: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64), String> {
+        let p = self.peer(peer);
+        let conn = self.connection(&p).await?;
+        let req = Request::Offer {
+            repo: repo.to_owned(),
+            tag: tag.to_owned(),
+            digest: digest.to_owned(),
+            version,
+        };
+        let frames = tokio::time::timeout(timeout, exchange(&conn, &req, 1, timeout))
+            .await
+            .map_err(|_| format!("no answer to the offer within {timeout:?}"))??;
+        match frames.into_iter().next() {
+            Some(Response::Offered { digest, version }) => Ok((digest, version)),
+            Some(Response::Error { code, message }) => Err(format!("{code:?}: {message}")),
+            other => Err(format!("unexpected answer to Offer: {other:?}")),
+        }
     }
 
     /// Fetch an object's recipe from the first peer that has it (best peers
@@ -790,7 +822,12 @@ impl Fetcher {
         // Hello: learn who answered and check the version.
         let frames = tokio::time::timeout(
             self.inner.cfg.connect_timeout,
-            exchange(&conn, &Request::Hello(self.inner.hello.clone()), 4),
+            exchange(
+                &conn,
+                &Request::Hello(self.inner.hello.clone()),
+                4,
+                Duration::from_secs(30),
+            ),
         )
         .await
         .map_err(|_| "hello timed out".to_owned())??;
@@ -1259,6 +1296,7 @@ pub async fn exchange(
     conn: &quinn::Connection,
     req: &Request,
     max_frames: usize,
+    frame_timeout: Duration,
 ) -> Result<Vec<Response>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
@@ -1268,7 +1306,7 @@ pub async fn exchange(
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     while frames.len() < max_frames {
-        match next_frame(&mut recv, &mut buf, Duration::from_secs(30)).await {
+        match next_frame(&mut recv, &mut buf, frame_timeout).await {
             Ok(Some(f)) => {
                 let end = matches!(
                     f,
@@ -1277,6 +1315,7 @@ pub async fn exchange(
                         | Response::Hello(_)
                         | Response::Pong { .. }
                         | Response::HaveBitmap { .. }
+                        | Response::Offered { .. }
                 );
                 frames.push(f);
                 if end {

@@ -14,6 +14,7 @@ use quinn::VarInt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::fetch::PeerAddr;
 use crate::metrics::TransportMetrics;
 use crate::tls::{self, Refusals};
 use crate::wire::{self, ErrorCode, Hello, ObjectKey, Request, Response};
@@ -82,6 +83,35 @@ impl ChunkSource for Store {
     }
 }
 
+/// An `Offer` as the server hands it to its [`OfferHandler`].
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// The offering peer: its address as seen on this connection (where its
+    /// node serves, since a node dials from its listening endpoint) and its
+    /// verified node name.
+    pub from: PeerAddr,
+    /// Repository.
+    pub repo: String,
+    /// Tag, or empty.
+    pub tag: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// The tag's version at the sender.
+    pub version: u64,
+}
+
+/// A boxed future, for the [`OfferHandler`] trait.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Takes replication offers (normally the node's registry): pull what is
+/// offered from the offering peer, link it, and return the tag's state
+/// afterwards as `(digest, version)`.
+pub trait OfferHandler: std::fmt::Debug + Send + Sync + 'static {
+    /// Handle one offer. Runs as long as the pull takes; the server stops
+    /// waiting when it shuts down.
+    fn offer(&self, offer: Offer) -> BoxFuture<'static, Result<(String, u64), SourceError>>;
+}
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -90,6 +120,8 @@ pub struct ServerConfig {
     /// Offer zstd on the wire to clients that accept it (chunks are sent
     /// compressed only when that saves at least 10%).
     pub wire_zstd: bool,
+    /// Who takes `Offer`s; `None` answers them `NotFound`.
+    pub offers: Option<Arc<dyn OfferHandler>>,
 }
 
 /// A running server. Stops when its token is cancelled.
@@ -157,9 +189,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
                     ctx.metrics.connections.with_label_values(&["in"]).inc();
                     // Series are labelled by the verified node name: bounded
                     // by cluster membership, unlike client ports.
-                    let peer = tls::peer_name(&conn).unwrap_or_else(|| remote.to_string());
+                    let name = tls::peer_name(&conn);
+                    let peer = name.clone().unwrap_or_else(|| remote.to_string());
                     debug!(%remote, %peer, "peer connected");
-                    serve_connection(conn, remote, peer, ctx).await;
+                    let from = PeerAddr { addr: remote, name };
+                    serve_connection(conn, remote, peer, from, ctx).await;
                 }
                 Err(e) => {
                     if let Some(reason) = tls::refusal_reason(&e) {
@@ -179,6 +213,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     remote: SocketAddr,
     peer: String,
+    from: PeerAddr,
     ctx: Arc<Ctx>,
 ) {
     let probe = Arc::new(ZstdProbe::default());
@@ -199,10 +234,11 @@ async fn serve_connection(
         let ctx = ctx.clone();
         let peer = peer.clone();
         let probe = probe.clone();
+        let from = from.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => {}
-                _ = serve_stream(send, recv, &peer, &ctx, &probe) => {}
+                _ = serve_stream(send, recv, &peer, &from, &ctx, &probe) => {}
             }
         });
     }
@@ -234,6 +270,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: &str,
+    from: &PeerAddr,
     ctx: &Ctx,
     probe: &ZstdProbe,
 ) {
@@ -303,6 +340,25 @@ async fn serve_stream(
             let zstd = (accept_zstd && ctx.cfg.wire_zstd).then_some(probe);
             serve_chunks(&mut send, ids, zstd, peer, ctx).await
         }
+        Request::Offer {
+            repo,
+            tag,
+            digest,
+            version,
+        } => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["offer"])
+                .inc();
+            let offer = Offer {
+                from: from.clone(),
+                repo,
+                tag,
+                digest,
+                version,
+            };
+            serve_offer(&mut send, offer, ctx).await
+        }
     };
     match res {
         Ok(()) => {
@@ -310,6 +366,31 @@ async fn serve_stream(
         }
         Err(e) => debug!(peer, error = %e, "stream ended early"),
     }
+}
+
+async fn serve_offer(send: &mut quinn::SendStream, offer: Offer, ctx: &Ctx) -> Result<(), String> {
+    let Some(h) = &ctx.cfg.offers else {
+        return send_frames(
+            send,
+            &[Response::Error {
+                code: ErrorCode::NotFound,
+                message: "this node takes no replication offers (no registry)".into(),
+            }],
+        )
+        .await;
+    };
+    let what = format!("{}@{}", offer.repo, offer.digest);
+    let answer = match h.offer(offer).await {
+        Ok((digest, version)) => Response::Offered { digest, version },
+        Err(e) => {
+            warn!(offer = %what, error = %e, "replication offer failed");
+            Response::Error {
+                code: ErrorCode::Internal,
+                message: e.0,
+            }
+        }
+    };
+    send_frames(send, &[answer]).await
 }
 
 async fn send_frames(send: &mut quinn::SendStream, frames: &[Response]) -> Result<(), String> {

@@ -42,6 +42,7 @@
 //! | 3 | `GetChunks` | `priority u8 \| accept_zstd bool \| n u16 \| n × id` (n in 1..=[`MAX_BATCH`]) |
 //! | 4 | `Have` | `n u16 \| n × id` (n in 1..=[`MAX_BATCH`]) |
 //! | 5 | `Ping` | `nonce u64` |
+//! | 6 | `Offer` | `repo str \| tag str \| digest str \| version u64` |
 //!
 //! Responses (server to client):
 //!
@@ -56,6 +57,7 @@
 //! | 7 | `Pong` | `nonce u64` |
 //! | 8 | `End` | empty |
 //! | 9 | `Error` | `code u16 \| message str` |
+//! | 10 | `Offered` | `digest str \| version u64` |
 //!
 //! A `Chunk`'s `raw_len` is in 1..=[`MAX_CHUNK`]; a plain payload is exactly
 //! `raw_len` bytes, a zstd payload at most [`MAX_ZSTD_PAYLOAD`] bytes. The
@@ -173,6 +175,21 @@ pub enum Request {
         /// Echoed back.
         nonce: u64,
     },
+    /// Replication: "I hold manifest `digest` of `repo` (tagged `tag` at
+    /// `version`, when `tag` is not empty); take it from me." The server
+    /// pulls what it lacks from the sender over this same connection's
+    /// peer, links it, and answers `Offered` with the state of the tag
+    /// afterwards (the winner, when both sides changed it), or `Error`.
+    Offer {
+        /// Repository name.
+        repo: String,
+        /// Tag, or empty for an untagged manifest.
+        tag: String,
+        /// Manifest digest, e.g. `sha256:<hex>`.
+        digest: String,
+        /// The tag's version (a hybrid logical clock reading); 0 if untagged.
+        version: u64,
+    },
 }
 
 /// Application error codes, in `Error` frames and QUIC stream resets.
@@ -272,6 +289,14 @@ pub enum Response {
     },
     /// The answer is complete.
     End,
+    /// Answer to `Offer`: the manifest the tag names at the receiver now,
+    /// and its version (the offered digest and 0 when nothing was tagged).
+    Offered {
+        /// Manifest digest.
+        digest: String,
+        /// Version of the tag.
+        version: u64,
+    },
     /// The request failed; the stream ends after this frame.
     Error {
         /// What kind of failure.
@@ -331,6 +356,7 @@ const REQ_GET_OBJECT: u8 = 2;
 const REQ_GET_CHUNKS: u8 = 3;
 const REQ_HAVE: u8 = 4;
 const REQ_PING: u8 = 5;
+const REQ_OFFER: u8 = 6;
 
 // Response kinds.
 const RESP_HELLO: u8 = 1;
@@ -342,6 +368,7 @@ const RESP_HAVE_BITMAP: u8 = 6;
 const RESP_PONG: u8 = 7;
 const RESP_END: u8 = 8;
 const RESP_ERROR: u8 = 9;
+const RESP_OFFERED: u8 = 10;
 
 // ObjectKey tags.
 const KEY_ID: u8 = 0;
@@ -416,6 +443,19 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             out.put_u64_le(*nonce);
             finish_frame(out, start);
         }
+        Request::Offer {
+            repo,
+            tag,
+            digest,
+            version,
+        } => {
+            let start = begin_frame(out, REQ_OFFER);
+            put_str(out, repo);
+            put_str(out, tag);
+            put_str(out, digest);
+            out.put_u64_le(*version);
+            finish_frame(out, start);
+        }
     }
 }
 
@@ -485,6 +525,12 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
         }
         Response::End => {
             let start = begin_frame(out, RESP_END);
+            finish_frame(out, start);
+        }
+        Response::Offered { digest, version } => {
+            let start = begin_frame(out, RESP_OFFERED);
+            put_str(out, digest);
+            out.put_u64_le(*version);
             finish_frame(out, start);
         }
         Response::Error { code, message } => {
@@ -674,7 +720,7 @@ type BodyLimit = fn(u8, usize) -> Result<(), WireError>;
 
 fn request_body_limit(kind: u8, _body_len: usize) -> Result<(), WireError> {
     match kind {
-        REQ_HELLO | REQ_GET_OBJECT | REQ_GET_CHUNKS | REQ_HAVE | REQ_PING => Ok(()),
+        REQ_HELLO | REQ_GET_OBJECT | REQ_GET_CHUNKS | REQ_HAVE | REQ_PING | REQ_OFFER => Ok(()),
         k => Err(WireError::UnknownKind(k)),
     }
 }
@@ -692,7 +738,7 @@ fn response_body_limit(kind: u8, body_len: usize) -> Result<(), WireError> {
             max: MAX_ZSTD_PAYLOAD,
         }),
         RESP_HELLO | RESP_OBJECT_HEADER | RESP_RECIPE_PART | RESP_CHUNK | RESP_MISSING
-        | RESP_HAVE_BITMAP | RESP_PONG | RESP_END | RESP_ERROR => Ok(()),
+        | RESP_HAVE_BITMAP | RESP_PONG | RESP_END | RESP_ERROR | RESP_OFFERED => Ok(()),
         k => Err(WireError::UnknownKind(k)),
     }
 }
@@ -924,6 +970,20 @@ fn parse_request(kind: u8, body: &[u8]) -> Result<Request, WireError> {
             r.finish()?;
             Request::Ping { nonce }
         }
+        REQ_OFFER => {
+            let mut r = Reader::new(body, "Offer");
+            let repo = r.string()?;
+            let tag = r.string()?;
+            let digest = r.string()?;
+            let version = r.u64()?;
+            r.finish()?;
+            Request::Offer {
+                repo,
+                tag,
+                digest,
+                version,
+            }
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(req)
@@ -977,6 +1037,13 @@ fn parse_response(kind: u8, body: &[u8]) -> Result<Response, WireError> {
             let message = r.string()?;
             r.finish()?;
             Response::Error { code, message }
+        }
+        RESP_OFFERED => {
+            let mut r = Reader::new(body, "Offered");
+            let digest = r.string()?;
+            let version = r.u64()?;
+            r.finish()?;
+            Response::Offered { digest, version }
         }
         k => return Err(WireError::UnknownKind(k)),
     };
@@ -1119,6 +1186,14 @@ mod tests {
                 }),
             vec(arb_chunk_id(), 1..=MAX_BATCH).prop_map(|ids| Request::Have { ids }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+            (arb_string(), arb_string(), arb_string(), any::<u64>()).prop_map(
+                |(repo, tag, digest, version)| Request::Offer {
+                    repo,
+                    tag,
+                    digest,
+                    version,
+                }
+            ),
         ]
     }
 
@@ -1178,6 +1253,8 @@ mod tests {
             arb_chunk_id().prop_map(|id| Response::Missing { id }),
             arb_bitmap(),
             any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
+            (arb_string(), any::<u64>())
+                .prop_map(|(digest, version)| Response::Offered { digest, version }),
             Just(Response::End),
             (any::<u16>(), arb_string()).prop_map(|(c, message)| Response::Error {
                 code: ErrorCode::from_u16(c),
@@ -1603,10 +1680,10 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_rejected_per_direction() {
-        for k in [0u8, 6, 9, 200] {
+        for k in [0u8, 7, 9, 200] {
             assert_eq!(req_err(frame(k, &[])), WireError::UnknownKind(k));
         }
-        for k in [0u8, 10, 255] {
+        for k in [0u8, 11, 255] {
             assert_eq!(resp_err(frame(k, &[])), WireError::UnknownKind(k));
         }
         // Known from the header alone.

@@ -398,9 +398,14 @@ async fn bad_frames_close_the_stream_not_the_node() {
     }
     assert!(a.metric("cairn_transport_bad_frames_total", &[]) >= 4.0);
     // The same connection still works.
-    let frames = cairn_transport::fetch::exchange(&conn, &Request::Ping { nonce: 42 }, 2)
-        .await
-        .unwrap();
+    let frames = cairn_transport::fetch::exchange(
+        &conn,
+        &Request::Ping { nonce: 42 },
+        2,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(frames, vec![Response::Pong { nonce: 42 }]);
     conn.close(0u32.into(), b"done");
     a.stop().await;
@@ -442,9 +447,14 @@ async fn have_bitmap_and_wire_zstd() {
     let recipe = a.store.recipe(&id).unwrap();
     let mut ids: Vec<_> = recipe.chunks().iter().map(|r| r.id).take(9).collect();
     ids.insert(3, cairn_chunkstore::ChunkId::of(b"absent"));
-    let frames = cairn_transport::fetch::exchange(&conn, &Request::Have { ids: ids.clone() }, 2)
-        .await
-        .unwrap();
+    let frames = cairn_transport::fetch::exchange(
+        &conn,
+        &Request::Have { ids: ids.clone() },
+        2,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     match &frames[..] {
         [Response::HaveBitmap { count, bits }] => {
             assert_eq!(*count as usize, ids.len());

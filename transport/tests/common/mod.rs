@@ -114,6 +114,7 @@ impl TestNode {
             ServerConfig {
                 hello: hello.clone(),
                 wire_zstd: true,
+                offers: None,
             },
             metrics.clone(),
             refusals.clone(),
