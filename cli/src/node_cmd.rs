@@ -61,9 +61,14 @@ pub(crate) struct NodeArgs {
     /// QUIC listener for peers [default: 127.0.0.1:7443].
     #[arg(long)]
     quic_listen: Option<SocketAddr>,
-    /// NBD listener [default: 127.0.0.1:10809].
+    /// NBD listener for VM image exports (image/NAME) [default:
+    /// 127.0.0.1:10809]. Must be loopback unless --nbd-allow-remote.
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
+    /// Allow a non-loopback --nbd-listen. NBD STARTTLS is not implemented:
+    /// images are then served unencrypted to whoever can reach the port.
+    #[arg(long)]
+    nbd_allow_remote: bool,
     /// Top site: pull registry misses through this upstream OCI registry
     /// (http://HOST:PORT or https://…).
     #[arg(long, value_name = "URL")]
@@ -173,7 +178,10 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         cfg.endpoint.listen = a;
     }
     if let Some(a) = args.nbd_listen {
-        cfg.nbd_listen = a;
+        cfg.nbd_listen = Some(a);
+    }
+    if args.nbd_allow_remote {
+        cfg.nbd_allow_remote = true;
     }
     if let Some(u) = args.upstream {
         cfg.registry.upstream = Some(u);
@@ -183,13 +191,14 @@ pub(crate) fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         let node = Node::start(cfg).await.context("start node")?;
         let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         eprintln!(
-            "cairn node {} (site {}) serving {} on quic {} api {} registry {} (Ctrl-C stops)",
+            "cairn node {} (site {}) serving {} on quic {} api {} registry {} nbd {} (Ctrl-C stops)",
             node.identity().name(),
             node.config().site,
             node.config().data_dir.display(),
             show(node.local_addr()),
             show(node.api_addr()),
             show(node.registry_addr()),
+            show(node.nbd_addr()),
         );
         let cancel = node.cancel_token();
         tokio::select! {

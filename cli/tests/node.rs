@@ -44,6 +44,8 @@ impl NodeProc {
             "127.0.0.1:0",
             "--api-listen",
             "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
             "--registry-listen",
             "127.0.0.1:0",
             "--data-dir",

@@ -96,12 +96,11 @@ async fn status(State(s): State<ApiState>) -> Response {
 
 /// Serve `router` on `listener` until `cancel`, then finish in-flight
 /// requests (graceful shutdown). Logs and returns when done.
-pub async fn serve(
-    what: &'static str,
-    listener: tokio::net::TcpListener,
-    router: Router,
-    cancel: CancellationToken,
-) {
+pub async fn serve<L>(what: &'static str, listener: L, router: Router, cancel: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let addr = listener.local_addr().ok();
     info!(what, ?addr, "listening");
     let res = axum::serve(listener, router)

@@ -82,6 +82,75 @@ pub struct FileConfig {
     /// OCI registry.
     #[serde(default)]
     pub registry: RegistrySection,
+    /// Pushing images on to other sites.
+    #[serde(default)]
+    pub replication: ReplicationSection,
+}
+
+/// `[replication]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// Forward every push accepted here to the parents (default true), so a
+    /// push made at an edge (even while it is cut off) reaches the core.
+    pub forward_to_parents: Option<bool>,
+    /// Longest wait between retries to an unreachable site, in seconds
+    /// (default 30).
+    pub retry_max_secs: Option<u64>,
+    /// Push matching repositories on to named sites as soon as they commit.
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+}
+
+/// `[[replication.rules]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    /// Repositories: an exact name, or a prefix ending in `*` (`apps/*`,
+    /// `*` for all).
+    pub repos: String,
+    /// Target sites: the name of a parent or peer, or `NAME@HOST:PORT`.
+    pub to: Vec<String>,
+}
+
+/// One replication rule, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationRule {
+    /// Repository pattern (exact, or a prefix ending in `*`).
+    pub repos: String,
+    /// Where matching pushes go.
+    pub to: Vec<PeerAddr>,
+}
+
+impl ReplicationRule {
+    /// Does `repo` match this rule's pattern?
+    pub fn matches(&self, repo: &str) -> bool {
+        match self.repos.strip_suffix('*') {
+            Some(prefix) => repo.starts_with(prefix),
+            None => repo == self.repos,
+        }
+    }
+}
+
+/// Replication settings, resolved.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// Forward pushes to the parents.
+    pub forward_to_parents: bool,
+    /// Longest retry interval to an unreachable site.
+    pub retry_max: std::time::Duration,
+    /// Push-on rules.
+    pub rules: Vec<ReplicationRule>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            forward_to_parents: true,
+            retry_max: std::time::Duration::from_secs(30),
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// `[listen]`.
@@ -94,8 +163,12 @@ pub struct ListenSection {
     pub api: Option<SocketAddr>,
     /// QUIC (UDP).
     pub quic: Option<SocketAddr>,
-    /// NBD (TCP).
+    /// NBD (TCP). Must be a loopback address unless `nbd_allow_remote`.
     pub nbd: Option<SocketAddr>,
+    /// Allow a non-loopback NBD listener. NBD STARTTLS is not implemented,
+    /// so a remote listener serves images in the clear to anyone who can
+    /// reach it (default false).
+    pub nbd_allow_remote: Option<bool>,
 }
 
 /// `[store]`.
@@ -136,6 +209,11 @@ pub struct RegistrySection {
     pub pull_requires_token: Option<bool>,
     /// Upstream OCI registry for the top site (`http://…`).
     pub upstream: Option<String>,
+    /// User name for the upstream registry (Basic auth, or the credentials
+    /// sent to its token service). Without it pulls are anonymous.
+    pub upstream_username: Option<String>,
+    /// File holding the upstream password or access token (first line).
+    pub upstream_password_file: Option<PathBuf>,
     /// TLS certificate (PEM) for the registry listener.
     pub tls_cert: Option<PathBuf>,
     /// TLS key (PEM) for the registry listener.
@@ -265,10 +343,15 @@ pub struct NodeConfig {
     pub registry_listen: Option<SocketAddr>,
     /// API listener (`None`: no API).
     pub api_listen: Option<SocketAddr>,
-    /// NBD listener (reserved; NBD arrives with issue 4/8).
-    pub nbd_listen: SocketAddr,
+    /// NBD listener (`None`: no NBD server). Loopback only unless
+    /// `nbd_allow_remote`; see [`NodeConfig::check_nbd`].
+    pub nbd_listen: Option<SocketAddr>,
+    /// Allow a non-loopback `nbd_listen` (no STARTTLS: traffic is clear).
+    pub nbd_allow_remote: bool,
     /// Registry settings.
     pub registry: RegistrySection,
+    /// Replication of pushes to other sites.
+    pub replication: ReplicationConfig,
 }
 
 impl NodeConfig {
@@ -292,8 +375,10 @@ impl NodeConfig {
             wire_zstd: true,
             registry_listen: Some(addr(None, DEFAULT_REGISTRY)),
             api_listen: Some(addr(None, DEFAULT_API)),
-            nbd_listen: addr(None, DEFAULT_NBD),
+            nbd_listen: Some(addr(None, DEFAULT_NBD)),
+            nbd_allow_remote: false,
             registry: RegistrySection::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 
@@ -343,7 +428,10 @@ impl NodeConfig {
             c.endpoint.listen = a;
         }
         if let Some(a) = f.listen.nbd {
-            c.nbd_listen = a;
+            c.nbd_listen = Some(a);
+        }
+        if let Some(r) = f.listen.nbd_allow_remote {
+            c.nbd_allow_remote = r;
         }
         if let Some(e) = &f.store.engine {
             c.store.engine = e
@@ -378,14 +466,100 @@ impl NodeConfig {
         reg.push_token_file = reg.push_token_file.as_ref().map(rel);
         reg.tls_cert = reg.tls_cert.as_ref().map(rel);
         reg.tls_key = reg.tls_key.as_ref().map(rel);
+        reg.upstream_password_file = reg.upstream_password_file.as_ref().map(rel);
+        if reg.upstream_username.is_some() != reg.upstream_password_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "registry.upstream_username and registry.upstream_password_file go together".into(),
+            ));
+        }
         if reg.tls_cert.is_some() != reg.tls_key.is_some() {
             return Err(ConfigError::Invalid(
                 "registry.tls_cert and registry.tls_key go together".into(),
             ));
         }
         c.registry = reg;
+        if let Some(f) = f.replication.forward_to_parents {
+            c.replication.forward_to_parents = f;
+        }
+        if let Some(s) = f.replication.retry_max_secs {
+            if !(1..=3600).contains(&s) {
+                return Err(ConfigError::Invalid(format!(
+                    "replication.retry_max_secs = {s}: must be 1..=3600"
+                )));
+            }
+            c.replication.retry_max = std::time::Duration::from_secs(s);
+        }
+        for r in &f.replication.rules {
+            let rule = resolve_rule(r, &c.parents, &c.peers).map_err(ConfigError::Invalid)?;
+            c.replication.rules.push(rule);
+        }
         Ok(c)
     }
+}
+
+impl NodeConfig {
+    /// Refuse a non-loopback NBD listener unless `nbd_allow_remote` is set:
+    /// the NBD server has no STARTTLS, so it would serve images in the clear.
+    pub fn check_nbd(&self) -> Result<(), ConfigError> {
+        match self.nbd_listen {
+            Some(a) if !a.ip().is_loopback() && !self.nbd_allow_remote => {
+                Err(ConfigError::Invalid(format!(
+                    "nbd listen address {a} is not loopback; NBD has no TLS (STARTTLS is not \
+                     implemented), so set listen.nbd_allow_remote = true (or --nbd-allow-remote) \
+                     to serve images unencrypted to the network"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Resolve a rule's targets: a known parent or peer by name, or
+/// `NAME@HOST:PORT`.
+pub fn resolve_rule(
+    r: &RuleSection,
+    parents: &[PeerAddr],
+    peers: &[PeerAddr],
+) -> Result<ReplicationRule, String> {
+    let pat = r.repos.trim();
+    let body = pat.strip_suffix('*').unwrap_or(pat);
+    if pat.is_empty() || body.contains('*') || pat.len() > 255 {
+        return Err(format!(
+            "replication.rules: repos = {:?}: want a repository name or a prefix ending in '*'",
+            r.repos
+        ));
+    }
+    if r.to.is_empty() {
+        return Err(format!("replication.rules for {pat:?}: `to` is empty"));
+    }
+    let mut to = Vec::new();
+    for t in &r.to {
+        let p = if t.contains('@') {
+            parse_peer(t)?
+        } else {
+            parents
+                .iter()
+                .chain(peers)
+                .find(|p| p.name.as_deref() == Some(t.as_str()))
+                .cloned()
+                .ok_or_else(|| {
+                    format!(
+                        "replication.rules for {pat:?}: site {t:?} is not a named parent or peer \
+                         (give it as NAME@HOST:PORT)"
+                    )
+                })?
+        };
+        if p.name.is_none() {
+            return Err(format!(
+                "replication.rules for {pat:?}: target {t:?} needs a site name (NAME@HOST:PORT)"
+            ));
+        }
+        to.push(p);
+    }
+    Ok(ReplicationRule {
+        repos: pat.to_owned(),
+        to,
+    })
 }
 
 #[cfg(test)]
@@ -398,7 +572,40 @@ mod tests {
         assert_eq!(c.registry_listen, Some(DEFAULT_REGISTRY.parse().unwrap()));
         assert_eq!(c.api_listen, Some(DEFAULT_API.parse().unwrap()));
         assert_eq!(c.endpoint.listen, DEFAULT_QUIC.parse().unwrap());
-        assert_eq!(c.nbd_listen, DEFAULT_NBD.parse().unwrap());
+        assert_eq!(c.nbd_listen, Some(DEFAULT_NBD.parse().unwrap()));
+        assert!(!c.nbd_allow_remote);
+        c.check_nbd().unwrap();
+    }
+
+    #[test]
+    fn remote_nbd_needs_the_flag() {
+        let mut c = NodeConfig::new("d");
+        c.nbd_listen = Some("0.0.0.0:10809".parse().unwrap());
+        let e = c.check_nbd().unwrap_err().to_string();
+        assert!(
+            e.contains("nbd_allow_remote") && e.contains("0.0.0.0"),
+            "{e}"
+        );
+        c.nbd_listen = Some("[::]:10809".parse().unwrap());
+        assert!(c.check_nbd().is_err());
+        c.nbd_allow_remote = true;
+        c.check_nbd().unwrap();
+        c.nbd_allow_remote = false;
+        c.nbd_listen = Some("[::1]:0".parse().unwrap());
+        c.check_nbd().unwrap();
+        c.nbd_listen = None;
+        c.check_nbd().unwrap();
+        // From a file.
+        let f = FileConfig::parse(
+            "version = 1\n[listen]\nnbd = \"10.1.2.3:10809\"\nnbd_allow_remote = true\n",
+        )
+        .unwrap();
+        let c = NodeConfig::from_file(&f, Path::new("."), Path::new("d")).unwrap();
+        assert!(c.nbd_allow_remote);
+        c.check_nbd().unwrap();
+        let f = FileConfig::parse("version = 1\n[listen]\nnbd = \"10.1.2.3:10809\"\n").unwrap();
+        let c = NodeConfig::from_file(&f, Path::new("."), Path::new("d")).unwrap();
+        assert!(c.check_nbd().is_err());
     }
 
     #[test]
@@ -434,6 +641,31 @@ mod tests {
         let f = FileConfig::parse("version = 1\n[store]\nbudget = \"12Q\"").unwrap();
         assert!(NodeConfig::from_file(&f, Path::new("."), Path::new("d")).is_err());
         assert!(FileConfig::parse("").is_err(), "version is required");
+    }
+
+    #[test]
+    fn replication_rules() {
+        let f = FileConfig::parse(
+            "version = 1\npeers = [\"edge-a@127.0.0.1:1\"]\n[replication]\nretry_max_secs = 5\n\
+             [[replication.rules]]\nrepos = \"apps/*\"\nto = [\"edge-a\", \"edge-b@127.0.0.1:2\"]\n",
+        )
+        .unwrap();
+        let c = NodeConfig::from_file(&f, Path::new("."), Path::new("d")).unwrap();
+        assert_eq!(c.replication.retry_max.as_secs(), 5);
+        let r = &c.replication.rules[0];
+        assert!(r.matches("apps/web") && !r.matches("app") && !r.matches("other/apps/x"));
+        assert_eq!(r.to.len(), 2);
+        assert_eq!(r.to[1].addr.port(), 2);
+        for bad in [
+            "[[replication.rules]]\nrepos = \"a/*/b\"\nto = [\"x@127.0.0.1:1\"]",
+            "[[replication.rules]]\nrepos = \"a\"\nto = []",
+            "[[replication.rules]]\nrepos = \"a\"\nto = [\"unknown-site\"]",
+            "[replication]\nretry_max_secs = 0",
+        ] {
+            let f = FileConfig::parse(&format!("version = 1\n{bad}")).unwrap();
+            let e = NodeConfig::from_file(&f, Path::new("."), Path::new("d")).unwrap_err();
+            assert!(e.to_string().contains("replication"), "{e}");
+        }
     }
 
     #[test]

@@ -3,16 +3,20 @@
 //!
 //! A node opens its chunk store, binds its QUIC endpoint with the cluster
 //! identity, serves its chunks to peers and fetches from them, and serves
-//! `/metrics`, `/healthz` and the admin API over HTTP. NBD, prefetch and
-//! placement arrive with issues 4/8 onwards.
+//! `/metrics`, `/healthz` and the admin API over HTTP, and VM images as
+//! read-only NBD exports ([`vm`]). Prefetch and placement arrive with
+//! issues 6/8 onwards.
 //!
 //! Lifecycle: one root [`CancellationToken`] per node; every task stops on
 //! it. Shutdown order:
 //! 1. cancel the root token: HTTP listeners stop accepting and finish the
 //!    requests in flight (an upload not yet committed is not acknowledged,
-//!    so nothing acknowledged is lost); the QUIC server stops accepting;
-//!    fetches stop;
-//! 2. wait for the HTTP servers and the QUIC accept loop to end;
+//!    so nothing acknowledged is lost); the NBD server stops accepting and
+//!    gives each connection's in-flight requests a short grace (images are
+//!    read-only: nothing to flush); the QUIC server stops accepting;
+//!    fetches stop (a read waiting on a demand fetch fails with EIO);
+//! 2. wait for the HTTP servers, the NBD server and the QUIC accept loop to
+//!    end;
 //! 3. close the QUIC endpoint (peers see a clean close) and let it drain;
 //! 4. drop the store (RocksDB flushes; everything acknowledged was already
 //!    synced when it was acknowledged).
@@ -24,9 +28,13 @@ use std::time::Duration;
 
 pub mod api;
 pub mod config;
+pub mod hlc;
 pub mod pullthrough;
 pub mod registry;
+pub mod replicate;
+pub mod tls_listener;
 pub mod upstream_http;
+pub mod vm;
 
 pub use config::{ConfigError, FileConfig, NodeConfig};
 
@@ -163,12 +171,31 @@ pub struct Node {
     http: Vec<tokio::task::JoinHandle<()>>,
     api_addr: Option<SocketAddr>,
     registry_addr: Option<SocketAddr>,
+    nbd_addr: Option<SocketAddr>,
+    nbd: Option<tokio::task::JoinHandle<()>>,
+    nbd_stats: Arc<cairn_nbd::ServerStats>,
     cfg: NodeConfig,
 }
 
 impl Node {
     /// Open the store, bind every listener and start serving.
     pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
+        cfg.check_nbd().map_err(|e| match e {
+            ConfigError::Invalid(m) => NodeError::Config(m),
+            e => NodeError::Config(e.to_string()),
+        })?;
+        // Checked before anything starts, so a bad file is a clean error.
+        let mut registry_tls = match (&cfg.registry.tls_cert, &cfg.registry.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls_listener::acceptor(cert, key).map_err(|e| NodeError::Config(e.to_string()))?,
+            ),
+            (None, None) => None,
+            _ => {
+                return Err(NodeError::Config(
+                    "registry.tls_cert and registry.tls_key go together".into(),
+                ))
+            }
+        };
         let identity = match &cfg.identity {
             Some(dir) => Identity::load(dir)?,
             None => {
@@ -206,42 +233,111 @@ impl Node {
                 Vec::new()
             },
         };
+        let fetcher = Fetcher::new(
+            ep.clone(),
+            store.clone(),
+            cfg.fetch.clone(),
+            hello.clone(),
+            transport_metrics.clone(),
+            cancel.child_token(),
+        );
+        let mut http = Vec::new();
+        // The registry (and replication, which needs it) exists before the
+        // transport server, which hands replication offers to it.
+        let reg = match cfg.registry_listen {
+            Some(_) => Some(
+                registry::Registry::new(
+                    store.clone(),
+                    registry_config(&cfg)?,
+                    &registry,
+                    cancel.child_token(),
+                )
+                .map_err(NodeError::Registry)?,
+            ),
+            None => None,
+        };
+        let replicator = match &reg {
+            Some(reg) => {
+                let r = replicate::Replicator::new(
+                    reg.clone(),
+                    fetcher.clone(),
+                    cfg.replication.clone(),
+                    &cfg.parents,
+                    &cfg.peers,
+                    &registry,
+                    cancel.child_token(),
+                )
+                .map_err(|e| NodeError::Registry(e.into()))?;
+                reg.set_push_hook(r.push_hook());
+                http.push(tokio::spawn(r.clone().run()));
+                Some(r)
+            }
+            None => None,
+        };
         let server = Server::spawn(
             ep.clone(),
             store.clone(),
             ServerConfig {
-                hello: hello.clone(),
+                hello,
                 wire_zstd: cfg.wire_zstd,
+                offers: replicator
+                    .as_ref()
+                    .map(replicate::Replicator::offer_handler),
             },
             transport_metrics.clone(),
             refusals.clone(),
             cancel.child_token(),
         );
-        let fetcher = Fetcher::new(
-            ep.clone(),
-            store.clone(),
-            cfg.fetch.clone(),
-            hello,
-            transport_metrics.clone(),
-            cancel.child_token(),
-        );
-        let mut http = Vec::new();
         let api_l = match cfg.api_listen {
             Some(a) => Some(listen("the API", a).await?),
             None => None,
         };
         let api_addr = api_l.as_ref().and_then(|l| l.local_addr().ok());
+        let nbd_l = match cfg.nbd_listen {
+            Some(a) => Some(listen("NBD", a).await?),
+            None => None,
+        };
+        let nbd_addr = nbd_l.as_ref().and_then(|l| l.local_addr().ok());
+        let nbd_stats = Arc::new(cairn_nbd::ServerStats::default());
+        let vm_images = vm::VmImages::new(
+            store.clone(),
+            Some(fetcher.clone()),
+            cfg.parents
+                .iter()
+                .chain(cfg.peers.iter())
+                .cloned()
+                .collect(),
+            vm::NbdMetrics::new(&registry, nbd_stats.clone())
+                .map_err(|e| NodeError::Config(format!("NBD metrics: {e}")))?,
+        );
+        let nbd = nbd_l.map(|l| {
+            if cfg.nbd_allow_remote && nbd_addr.is_some_and(|a| !a.ip().is_loopback()) {
+                warn!(addr = ?nbd_addr, "NBD listens beyond loopback without TLS: images are served in the clear");
+            }
+            tokio::spawn(cairn_nbd::serve_with_stats(
+                l,
+                Arc::new(vm::ImageProvider::new(vm_images.clone())),
+                cancel.child_token(),
+                cairn_nbd::ServerLimits::default(),
+                nbd_stats.clone(),
+            ))
+        });
         let mut registry_addr = None;
-        if let Some(addr) = cfg.registry_listen {
+        if let (Some(addr), Some(reg)) = (cfg.registry_listen, reg) {
             let l = listen("the registry", addr).await?;
             registry_addr = l.local_addr().ok();
-            let rcfg = registry_config(&cfg)?;
-            let reg = registry::Registry::new(store.clone(), rcfg, &registry, cancel.child_token())
-                .map_err(NodeError::Registry)?;
             let reg = if let Some(url) = &cfg.registry.upstream {
                 // The top site: misses go to an upstream OCI registry.
-                let up = upstream_http::HttpUpstream::new(url, store.clone())
+                let mut up = upstream_http::HttpUpstream::new(url, store.clone())
                     .map_err(|e| NodeError::Config(e.to_string()))?;
+                if let (Some(user), Some(file)) = (
+                    &cfg.registry.upstream_username,
+                    &cfg.registry.upstream_password_file,
+                ) {
+                    let creds = upstream_http::UpstreamCredentials::from_file(user, file)
+                        .map_err(|e| NodeError::Config(e.to_string()))?;
+                    up = up.with_credentials(creds);
+                }
                 if !cfg.parents.is_empty() {
                     warn!("registry.upstream is set: parents are used for chunks, not for registry misses");
                 }
@@ -256,12 +352,30 @@ impl Node {
                     cancel.child_token(),
                 )))
             };
-            http.push(tokio::spawn(api::serve(
-                "registry",
-                l,
-                reg.router(),
-                cancel.child_token(),
-            )));
+            match registry_tls.take() {
+                Some(acc) => {
+                    let tl = tls_listener::TlsListener::new(l, acc, cancel.child_token()).map_err(
+                        |source| NodeError::Listen {
+                            what: "the registry",
+                            addr,
+                            source,
+                        },
+                    )?;
+                    info!("registry serves HTTPS");
+                    http.push(tokio::spawn(api::serve(
+                        "registry",
+                        tl,
+                        reg.router(),
+                        cancel.child_token(),
+                    )));
+                }
+                None => http.push(tokio::spawn(api::serve(
+                    "registry",
+                    l,
+                    reg.router(),
+                    cancel.child_token(),
+                ))),
+            }
         }
         if let Some(l) = api_l {
             let info = api::NodeInfo {
@@ -285,7 +399,8 @@ impl Node {
                     .chain(cfg.peers.iter())
                     .cloned()
                     .collect(),
-            });
+            })
+            .merge(vm::routes(vm_images.clone()));
             http.push(tokio::spawn(api::serve(
                 "api",
                 l,
@@ -299,6 +414,7 @@ impl Node {
             ca = %identity.ca_fingerprint(),
             quic = ?ep.local_addr().ok(),
             api = ?api_addr,
+            nbd = ?nbd_addr,
             store = %store_dir.display(),
             engine = store.engine_name(),
             "node started"
@@ -316,6 +432,9 @@ impl Node {
             http,
             api_addr,
             registry_addr,
+            nbd_addr,
+            nbd,
+            nbd_stats,
             cfg,
         })
     }
@@ -328,6 +447,16 @@ impl Node {
     /// Where the registry listener is bound.
     pub fn registry_addr(&self) -> Option<SocketAddr> {
         self.registry_addr
+    }
+
+    /// Where the NBD listener is bound.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.nbd_addr
+    }
+
+    /// The NBD server's counters.
+    pub fn nbd_stats(&self) -> &Arc<cairn_nbd::ServerStats> {
+        &self.nbd_stats
     }
 
     /// The configuration the node runs with.
@@ -380,6 +509,9 @@ impl Node {
         info!("node shutting down");
         self.cancel.cancel();
         for h in self.http.drain(..) {
+            let _ = h.await;
+        }
+        if let Some(h) = self.nbd.take() {
             let _ = h.await;
         }
         if let Some(s) = self.server.take() {

@@ -25,6 +25,7 @@ fn have(bin: &str) -> bool {
 async fn start(dir: &std::path::Path) -> Node {
     let mut cfg = NodeConfig::new(dir.join("data"));
     cfg.api_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.nbd_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.registry_listen = None;
     cfg.endpoint.listen = "127.0.0.1:0".parse().unwrap();
     cfg.site = "test-site".into();

@@ -34,13 +34,23 @@ pub(crate) async fn find_blob(
     repo: &str,
     d: &Digest,
 ) -> Result<ObjectId, ApiError> {
+    find_blob_via(reg, reg.upstream().map(|u| &**u), repo, d).await
+}
+
+/// [`find_blob`] with misses going to `up`.
+pub(crate) async fn find_blob_via(
+    reg: &Registry,
+    up: Option<&dyn super::Upstream>,
+    repo: &str,
+    d: &Digest,
+) -> Result<ObjectId, ApiError> {
     let link = names::blob_link(repo, d)?;
     let store = reg.store().clone();
     let l = link.clone();
     if let Some(id) = blocking(move || lookup(&store, &l)).await? {
         return Ok(id);
     }
-    let Some(up) = reg.upstream() else {
+    let Some(up) = up else {
         return Err(blob_unknown(d));
     };
     let fetched = up.fetch_blob(repo, &d.to_string()).await.map_err(|e| {

@@ -32,6 +32,9 @@ pub enum RegistryError {
     /// The configuration is unusable.
     #[error("invalid registry configuration: {0}")]
     Config(String),
+    /// Replicating a manifest in failed.
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// The error codes of the OCI distribution spec (plus `UNKNOWN` for

@@ -19,7 +19,10 @@ use serde_json::Value;
 use super::blobs::DOCKER_CONTENT_DIGEST;
 use super::errors::{ApiError, Code};
 use super::names::{self, Algo, Digest, Reference};
-use super::{blocking, content_length, header_str, lookup, response, unlink, Query, Registry};
+use super::{
+    blocking, content_length, header_str, lookup, response, unlink, Pushed, Query, Registry,
+    Upstream,
+};
 
 /// OCI image manifest.
 pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -262,12 +265,14 @@ fn store_manifest(
     bytes: &[u8],
     media_type: &str,
     digest: &Digest,
-    tag: Option<&str>,
+    tag: Option<(&str, u64)>,
     subject: Option<&Digest>,
 ) -> Result<ObjectId, ApiError> {
     let link = names::manifest_link(repo, digest)?;
     let mlink = names::mtype_link(repo, digest)?;
-    let tlink = tag.map(|t| names::tag_link(repo, t)).transpose()?;
+    let tlink = tag
+        .map(|(t, v)| names::tag_link(repo, t).map(|l| (l, v)))
+        .transpose()?;
     let rlink = subject
         .map(|s| names::ref_link(repo, s, digest))
         .transpose()?;
@@ -301,9 +306,9 @@ fn store_manifest(
             },
         )
         .map_err(ApiError::internal)?;
-    if let Some(t) = tlink {
+    if let Some((t, version)) = tlink {
         store
-            .set_name(&t, &put.object)
+            .set_name_versioned(&t, &put.object, version)
             .map_err(ApiError::internal)?;
     }
     if let Some(r) = rlink {
@@ -378,6 +383,14 @@ pub(crate) async fn put(
     let d = digest.clone();
     let len = bytes.len() as u64;
     let subject = parsed.subject.clone();
+    let version = match &r {
+        Reference::Tag(_) => reg.hlc().now(),
+        Reference::Digest(_) => 0,
+    };
+    let pushed_tag = match &r {
+        Reference::Tag(t) => Some(t.as_str().to_owned()),
+        Reference::Digest(_) => None,
+    };
     blocking(move || {
         for b in &parsed.blobs {
             if lookup(&store, &names::blob_link(&repo_s, b)?)?.is_none() {
@@ -398,7 +411,7 @@ pub(crate) async fn put(
             }
         }
         let tag = match &r {
-            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Tag(t) => Some((t.as_str(), version)),
             Reference::Digest(_) => None,
         };
         store_manifest(
@@ -413,6 +426,13 @@ pub(crate) async fn put(
     })
     .await?;
     reg.metrics().pushed_bytes.inc_by(len);
+    reg.pushed(Pushed {
+        repo: repo.to_owned(),
+        tag: pushed_tag,
+        digest: digest.to_string(),
+        version,
+    })
+    .await?;
     let mut hdrs = vec![
         (header::LOCATION, format!("/v2/{repo}/manifests/{digest}")),
         (DOCKER_CONTENT_DIGEST, digest.to_string()),
@@ -428,6 +448,16 @@ pub(crate) async fn put(
 /// upstream (verified, stored and linked). `MANIFEST_UNKNOWN` otherwise.
 async fn resolve(
     reg: &Registry,
+    repo: &str,
+    r: &Reference,
+) -> Result<(ObjectId, Digest), ApiError> {
+    resolve_via(reg, reg.upstream().map(|u| &**u), repo, r).await
+}
+
+/// [`resolve`] with misses going to `up`.
+async fn resolve_via(
+    reg: &Registry,
+    up: Option<&dyn Upstream>,
     repo: &str,
     r: &Reference,
 ) -> Result<(ObjectId, Digest), ApiError> {
@@ -450,7 +480,7 @@ async fn resolve(
     if let Some(found) = local {
         return Ok(found);
     }
-    let Some(up) = reg.upstream() else {
+    let Some(up) = up else {
         return Err(manifest_unknown(r));
     };
     let bad_gateway = |m: String| ApiError::internal(m).status(StatusCode::BAD_GATEWAY);
@@ -494,8 +524,10 @@ async fn resolve(
     let rr = r.clone();
     let d = md.clone();
     let id = blocking(move || {
+        // A tag learnt from an upstream has no version here (0): any
+        // versioned write, local or replicated, wins over it.
         let tag = match &rr {
-            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Tag(t) => Some((t.as_str(), 0)),
             Reference::Digest(_) => None,
         };
         store_manifest(
@@ -716,4 +748,131 @@ mod tests {
             assert!(parse_manifest(bad.as_bytes(), None).is_err(), "{bad}");
         }
     }
+}
+
+/// What [`import`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// The manifest the tag names here afterwards (the imported digest when
+    /// no tag was given).
+    pub digest: String,
+    /// The tag's version here afterwards (0 when no tag was given).
+    pub version: u64,
+    /// Whether the import changed anything here (a new manifest, or the tag).
+    pub changed: bool,
+}
+
+/// How deep an index may nest when imported (index → manifest → blobs).
+const MAX_IMPORT_DEPTH: usize = 2;
+
+/// Replication in (see [`Registry::import`]).
+pub(crate) async fn import(
+    reg: &Registry,
+    up: &dyn Upstream,
+    repo: &str,
+    tag: Option<&str>,
+    digest: &str,
+    version: u64,
+) -> Result<Imported, ApiError> {
+    names::validate_repo(repo)?;
+    let d = Digest::parse(digest)?;
+    if let Some(t) = tag {
+        names::tag_link(repo, t)?;
+    }
+    reg.hlc().observe(version);
+    let mut changed = import_tree(reg, up, repo, &d, 0).await?;
+    let Some(t) = tag else {
+        return Ok(Imported {
+            digest: d.to_string(),
+            version: 0,
+            changed,
+        });
+    };
+    let store = reg.store().clone();
+    let link = names::tag_link(repo, t)?;
+    let mlink = names::manifest_link(repo, &d)?;
+    let (entry, set) = blocking(move || {
+        let id = lookup(&store, &mlink)?
+            .ok_or_else(|| ApiError::internal(format!("{mlink} vanished during import")))?;
+        let (entry, set) = store
+            .set_name_versioned(&link, &id, version)
+            .map_err(ApiError::internal)?;
+        let info = store
+            .object_info(&entry.object)
+            .map_err(ApiError::internal)?;
+        Ok(((Digest::sha256_hex(&info.sha256)?, entry.version), set))
+    })
+    .await?;
+    changed |= set;
+    Ok(Imported {
+        digest: entry.0.to_string(),
+        version: entry.1,
+        changed,
+    })
+}
+
+/// Make manifest `d` and what it references local. Returns whether
+/// anything was new.
+fn import_tree<'a>(
+    reg: &'a Registry,
+    up: &'a dyn Upstream,
+    repo: &'a str,
+    d: &'a Digest,
+    depth: usize,
+) -> super::BoxFuture<'a, Result<bool, ApiError>> {
+    Box::pin(async move {
+        let store = reg.store().clone();
+        let mlink = names::manifest_link(repo, d)?;
+        let had = blocking(move || lookup(&store, &mlink)).await?.is_some();
+        let (id, _) = resolve_via(reg, Some(up), repo, &Reference::Digest(d.clone())).await?;
+        let store = reg.store().clone();
+        let repo_s = repo.to_owned();
+        let dd = d.clone();
+        let parsed = blocking(move || {
+            let bytes = read_small(&store, &id, MAX_MANIFEST_READ)?
+                .ok_or_else(|| ApiError::internal(format!("manifest {dd} vanished")))?;
+            let mt = media_type_of(&store, &repo_s, &dd, &bytes)?;
+            parse_manifest(&bytes, Some(&mt))
+        })
+        .await?;
+        let mut changed = !had;
+        for c in &parsed.children {
+            if depth >= MAX_IMPORT_DEPTH {
+                return Err(invalid(format!(
+                    "manifest {d} nests indexes deeper than {MAX_IMPORT_DEPTH}"
+                )));
+            }
+            changed |= import_tree(reg, up, repo, c, depth + 1).await?;
+        }
+        for b in &parsed.blobs {
+            let store = reg.store().clone();
+            let link = names::blob_link(repo, b)?;
+            if blocking(move || lookup(&store, &link)).await?.is_none() {
+                super::blobs::find_blob_via(reg, Some(up), repo, b).await?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    })
+}
+
+/// The digest and version of `repo:tag` here.
+pub(crate) async fn tag_state(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+) -> Result<Option<(String, u64)>, ApiError> {
+    let link = names::tag_link(repo, tag)?;
+    let store = reg.store().clone();
+    blocking(move || {
+        let Some(e) = store.name_entry(&link).map_err(ApiError::internal)? else {
+            return Ok(None);
+        };
+        let info = store.object_info(&e.object).map_err(ApiError::internal)?;
+        Ok(Some((
+            Digest::sha256_hex(&info.sha256)?.to_string(),
+            e.version,
+        )))
+    })
+    .await
 }

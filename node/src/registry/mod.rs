@@ -60,7 +60,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use errors::RegistryError;
 use errors::{ApiError, Code};
+pub use manifests::Imported;
 use metrics::Metrics;
+
+use crate::hlc::Hlc;
 
 /// Longest request path accepted.
 const MAX_PATH_LEN: usize = 2048;
@@ -190,7 +193,30 @@ struct Inner {
     token_hash: Option<[u8; 32]>,
     /// Bounds concurrent blob ingests (each runs three threads).
     ingests: tokio::sync::Semaphore,
+    /// Versions for tags.
+    hlc: Arc<Hlc>,
+    /// Told about every manifest pushed here (for replication).
+    on_push: parking_lot::RwLock<Option<PushHook>>,
 }
+
+/// A manifest that was pushed to this registry (or arrived by replication
+/// and changed a tag here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Repository.
+    pub repo: String,
+    /// Tag, if the manifest was pushed by tag.
+    pub tag: Option<String>,
+    /// Manifest digest.
+    pub digest: String,
+    /// The tag's version (0 when untagged).
+    pub version: u64,
+}
+
+/// Called (on a blocking thread) after a push commits and before the
+/// client is answered; an error fails the push with a 500, so the client
+/// retries rather than believing a push that will not replicate.
+pub type PushHook = Arc<dyn Fn(&Pushed) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -265,6 +291,8 @@ impl Registry {
                 uploads,
                 token_hash,
                 ingests: tokio::sync::Semaphore::new(MAX_INGESTS),
+                hlc: Arc::new(Hlc::new()),
+                on_push: parking_lot::RwLock::new(None),
             }),
             upstream: None,
         })
@@ -274,6 +302,55 @@ impl Registry {
     pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Self {
         self.upstream = Some(upstream);
         self
+    }
+
+    /// Call `hook` after every manifest push commits (all clones share it).
+    pub fn set_push_hook(&self, hook: PushHook) {
+        *self.inner.on_push.write() = Some(hook);
+    }
+
+    /// The clock that versions this registry's tags.
+    pub fn hlc(&self) -> &Arc<Hlc> {
+        &self.inner.hlc
+    }
+
+    /// Run the push hook, if any, on a blocking thread.
+    pub(crate) async fn pushed(&self, p: Pushed) -> Result<(), ApiError> {
+        let hook = self.inner.on_push.read().clone();
+        let Some(h) = hook else {
+            return Ok(());
+        };
+        blocking(move || {
+            h(&p).map_err(|e| ApiError::internal(format!("queueing replication: {e}")))
+        })
+        .await
+    }
+
+    /// Replication in: make manifest `digest` of `repo`, and everything it
+    /// references, local (pulling what is missing through `up`), then set
+    /// `tag` to it at `version` unless the tag holds a winning entry.
+    pub async fn import(
+        &self,
+        up: &dyn Upstream,
+        repo: &str,
+        tag: Option<&str>,
+        digest: &str,
+        version: u64,
+    ) -> Result<Imported, RegistryError> {
+        manifests::import(self, up, repo, tag, digest, version)
+            .await
+            .map_err(|e| RegistryError::Replication(e.to_string()))
+    }
+
+    /// The manifest digest and version `repo:tag` holds here, if set.
+    pub async fn tag_state(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<(String, u64)>, RegistryError> {
+        manifests::tag_state(self, repo, tag)
+            .await
+            .map_err(|e| RegistryError::Replication(e.to_string()))
     }
 
     /// The routes, all under `/v2/`.
