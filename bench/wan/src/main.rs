@@ -1,0 +1,487 @@
+//! `cairn-wan`: check the link emulator against its settings, or keep a
+//! topology up. Needs root.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use cairn_wan::check::{
+    forwarder_ceiling, run_check, short_spec, CheckConfig, CheckReport, Machine,
+};
+use cairn_wan::{Event, LinkSpec, QueueLimit, Wan};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "cairn-wan", about = "A WAN on one machine (needs root)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build two sites joined by one link and measure the link against its
+    /// settings (ping RTT, iperf3 TCP and UDP); write a report.
+    Check(CheckArgs),
+    /// Keep the topology of a TOML file up until Ctrl-C.
+    Up {
+        /// The topology (see the crate docs / README for the format).
+        config: PathBuf,
+    },
+    /// Delete namespaces left behind by cairn-wan processes that died.
+    Clean,
+    /// Run a benchmark scenario over an emulated link.
+    Scenario {
+        #[command(subcommand)]
+        which: ScenarioCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScenarioCmd {
+    /// Scenario 1: cold image pull at an edge (Cairn edge ← core, skopeo
+    /// straight from docker-registry at the core, docker-registry
+    /// pull-through cache at the edge). Needs `cairn`, skopeo, umoci and
+    /// docker-registry.
+    ColdPull(ColdPullArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ColdPullArgs {
+    /// Smoke run: small image (~8 MiB), one rep, no link self-check, no
+    /// files written unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// One-way delay in ms (RTT is twice this).
+    #[arg(long, default_value_t = 25.0)]
+    delay_ms: f64,
+    /// Rate in Mbit/s (IP bytes).
+    #[arg(long, default_value_t = 100.0)]
+    rate_mbit: f64,
+    /// Random loss in percent.
+    #[arg(long, default_value_t = 0.5)]
+    loss: f64,
+    /// Repetitions per contestant (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// MiB of real files in the image before gzip (default 320; 8 with --quick).
+    #[arg(long)]
+    image_mib: Option<u64>,
+    /// Layers (default 4; 2 with --quick).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// The cairn binary (default: target/release/cairn of this workspace).
+    #[arg(long, env = "CAIRN_BIN")]
+    cairn: Option<PathBuf>,
+    /// Contestants in run order, comma-separated: cairn, cairn-bbr (both
+    /// Cairn nodes with --congestion bbr), direct, proxy.
+    #[arg(long, value_delimiter = ',', default_value = "cairn,direct,proxy")]
+    contestants: Vec<String>,
+    /// Scratch root (image cache, work dirs).
+    #[arg(long, default_value = "/tmp")]
+    tmp: PathBuf,
+    /// Seconds allowed for one pull.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Skip the link self-check.
+    #[arg(long)]
+    skip_check: bool,
+    /// Seconds per iperf3 run of the self-check.
+    #[arg(long, default_value_t = 5)]
+    check_duration_s: u64,
+    /// Directory for wan-scenario1-DATE.{md,json} (default bench/results;
+    /// with --quick nothing is written unless given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Suffix for the file names.
+    #[arg(long)]
+    suffix: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// One-way delay in ms (RTT is twice this).
+    #[arg(long, default_value_t = 25.0)]
+    delay_ms: f64,
+    /// Jitter in ms (extra delay, uniform in [0, jitter]).
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Rate in Mbit/s (IP bytes).
+    #[arg(long, default_value_t = 100.0)]
+    rate_mbit: f64,
+    /// Random loss in percent.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Reordering probability in percent.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Queue limit in ms of the rate (default: one BDP, at least 50 ms).
+    #[arg(long)]
+    queue_ms: Option<u64>,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 8)]
+    duration_s: u64,
+    /// Ignore the link flags and run the standard set: 50 ms / 100 Mbit/s /
+    /// 0%, 50 ms / 100 Mbit/s / 0.5%, 10 ms / 1000 Mbit/s / 0%.
+    #[arg(long)]
+    standard: bool,
+    /// Directory for wan-check-DATE.{md,json}.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Suffix for the file names (wan-check-DATE-SUFFIX.md).
+    #[arg(long)]
+    suffix: Option<String>,
+    /// Do not write files, only print.
+    #[arg(long)]
+    no_write: bool,
+}
+
+fn spec(delay_ms: f64, jitter_ms: f64, rate_mbit: f64, loss_pct: f64) -> Result<LinkSpec> {
+    Ok(LinkSpec {
+        delay: Duration::try_from_secs_f64(delay_ms / 1e3).context("--delay-ms")?,
+        jitter: Duration::try_from_secs_f64(jitter_ms / 1e3).context("--jitter-ms")?,
+        rate_bps: (rate_mbit * 1e6) as u64,
+        loss: loss_pct / 100.0,
+        ..LinkSpec::default()
+    })
+}
+
+/// YYYY-MM-DD (UTC) from the system clock.
+fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400) as i64;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    let specs = if args.standard {
+        vec![
+            spec(25.0, 0.0, 100.0, 0.0)?,
+            spec(25.0, 0.0, 100.0, 0.5)?,
+            spec(5.0, 0.0, 1000.0, 0.0)?,
+        ]
+    } else {
+        let mut s = spec(args.delay_ms, args.jitter_ms, args.rate_mbit, args.loss)?;
+        s.reorder = args.reorder / 100.0;
+        if let Some(ms) = args.queue_ms {
+            s.queue = QueueLimit::Millis(ms);
+        }
+        vec![s]
+    };
+    let machine = Machine::collect();
+    let command = std::iter::once("cairn-wan".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let date = today();
+    let mut reports: Vec<CheckReport> = Vec::new();
+    for s in specs {
+        eprintln!("checking {} ...", short_spec(&s));
+        let mut cfg = CheckConfig::new(s);
+        cfg.duration = Duration::from_secs(args.duration_s.max(3));
+        let r = run_check(&cfg).with_context(|| format!("self-check of {}", short_spec(&s)))?;
+        eprintln!("{}", r.to_markdown());
+        reports.push(r);
+    }
+    let ceiling = if args.standard {
+        eprintln!("measuring the forwarder ceiling ...");
+        Some(forwarder_ceiling(Duration::from_secs(
+            args.duration_s.max(3),
+        ))?)
+    } else {
+        None
+    };
+    let all_pass = reports.iter().all(CheckReport::passed);
+    let mut md = format!(
+        "# WAN emulator self-check, {date}\n\nCommand (as root; the binary from `cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, {}, TCP congestion control {}, load average {} at the start.\n\n\
+         Each link is measured against its own settings: ping RTT, iperf3 TCP bulk (judged at 0% loss only), \
+         iperf3 UDP at 110% of the rate (capacity) and at 80% (loss). Pass = within 10% (loss: see tolerance).\n\n\
+         Overall: **{}**\n\n",
+        machine.nproc,
+        machine.cpu,
+        machine.kernel,
+        machine.iperf3,
+        machine.tcp_congestion_control,
+        machine.loadavg,
+        if all_pass { "PASS" } else { "FAIL (see below)" }
+    );
+    let mut summary =
+        "| link | RTT set/measured ms | TCP Mbit/s | UDP capacity Mbit/s | UDP loss % | result |\n|---|---|---|---|---|---|\n"
+            .to_string();
+    for r in &reports {
+        let f = |i: usize| r.figures.get(i).map_or(f64::NAN, |f| f.measured);
+        let s = |i: usize| r.figures.get(i).map_or(f64::NAN, |f| f.set);
+        summary.push_str(&format!(
+            "| {} | {:.1} / {:.1} | {:.1} | {:.1} | {:.3} (set {:.2}) | {} |\n",
+            short_spec(&r.spec),
+            s(0),
+            f(0),
+            f(1),
+            f(2),
+            f(3),
+            s(3),
+            if r.passed() { "PASS" } else { "FAIL" }
+        ));
+    }
+    md.push_str(&summary);
+    md.push('\n');
+    if let Some(c) = &ceiling {
+        md.push_str(&format!(
+            "Forwarder ceiling (1 ms delay, no rate limit, iperf3 on the same {} CPUs): \
+             TCP one stream {:.0} Mbit/s; UDP offered {:.0} Mbit/s, received {:.0} Mbit/s at IP level ({:.2}% lost).\n\n",
+            machine.nproc, c.tcp_mbit, c.udp_offered_mbit, c.udp_received_mbit, c.udp_loss_pct
+        ));
+    }
+    for r in &reports {
+        md.push_str(&r.to_markdown());
+        md.push('\n');
+    }
+    println!("{md}");
+    if !args.no_write {
+        let stem = match &args.suffix {
+            Some(s) => format!("wan-check-{date}-{s}"),
+            None => format!("wan-check-{date}"),
+        };
+        std::fs::create_dir_all(&args.out)?;
+        let json = serde_json::json!({
+            "date": date,
+            "command": command,
+            "machine": machine,
+            "pass": all_pass,
+            "forwarder_ceiling": ceiling,
+            "runs": reports,
+        });
+        let md_path = args.out.join(format!("{stem}.md"));
+        std::fs::write(&md_path, &md)?;
+        std::fs::write(
+            args.out.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        eprintln!("wrote {}", md_path.display());
+    }
+    if !all_pass {
+        bail!("self-check failed");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpConfig {
+    #[serde(default)]
+    seed: u64,
+    sites: Vec<String>,
+    #[serde(default)]
+    links: Vec<LinkCfg>,
+    #[serde(default)]
+    events: Vec<EventCfg>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkCfg {
+    a: String,
+    b: String,
+    #[serde(flatten)]
+    spec: LinkSpec,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventCfg {
+    at_ms: u64,
+    #[serde(flatten)]
+    event: Event,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn up(path: PathBuf) -> Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let cfg: UpConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let mut b = Wan::builder().seed(cfg.seed);
+    for s in &cfg.sites {
+        b = b.site(s);
+    }
+    for l in &cfg.links {
+        b = b.link(&l.a, &l.b, l.spec);
+    }
+    for e in cfg.events {
+        b = b.at(Duration::from_millis(e.at_ms), e.event);
+    }
+    let wan = b.start()?;
+    for s in wan.sites() {
+        println!(
+            "site {s}: {} in netns {} (ip netns exec {} ...)",
+            wan.addr(s)?,
+            wan.netns(s)?,
+            wan.netns(s)?
+        );
+    }
+    println!("up; Ctrl-C to tear down");
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("tearing down");
+    drop(wan);
+    Ok(())
+}
+
+fn default_cairn() -> PathBuf {
+    // bench/wan -> the workspace root.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let p = target.join("release/cairn");
+    if p.is_file() {
+        p
+    } else {
+        root.join("target/release/cairn")
+    }
+}
+
+fn cold_pull(a: ColdPullArgs) -> Result<()> {
+    use cairn_wan::scenario::{run_cold_pull, ColdPullConfig};
+    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
+    link.queue = QueueLimit::Auto;
+    let cfg = ColdPullConfig {
+        spec: link,
+        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+        image_file_bytes: a.image_mib.unwrap_or(if a.quick { 8 } else { 320 }) << 20,
+        layers: a.layers.unwrap_or(if a.quick { 2 } else { 4 }).max(1),
+        cairn: a.cairn.unwrap_or_else(default_cairn),
+        contestants: a.contestants,
+        tmp: a.tmp,
+        pull_timeout: Duration::from_secs(a.timeout_s),
+        seed: 1,
+    };
+    // Fail early and clearly on missing programs.
+    cairn_wan::scenario::Tools::find(&cfg.cairn)?;
+    let machine = Machine::collect();
+    let command = std::iter::once("cairn-wan".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let date = today();
+    let check = if a.skip_check || a.quick {
+        None
+    } else {
+        eprintln!("self-check of the link {} ...", short_spec(&link));
+        let mut c = CheckConfig::new(link);
+        c.duration = Duration::from_secs(a.check_duration_s.max(3));
+        let r = run_check(&c).context("link self-check")?;
+        eprintln!("{}", r.to_markdown());
+        Some(r)
+    };
+    let report = run_cold_pull(&cfg)?;
+    let mut md = format!(
+        "# Scenario 1: cold image pull at an edge, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: docker-registry and skopeo use it), load average {} at the start.\n\n",
+        machine.nproc, machine.cpu, machine.kernel, machine.tcp_congestion_control, machine.loadavg
+    );
+    match &check {
+        Some(r) => {
+            md.push_str(&format!(
+                "## Link self-check ({})\n\nOverall: **{}**\n\n",
+                short_spec(&link),
+                if r.passed() { "PASS" } else { "FAIL" }
+            ));
+            md.push_str(&r.to_markdown());
+            md.push('\n');
+        }
+        None => md.push_str("Link self-check: skipped.\n\n"),
+    }
+    md.push_str("## Result\n\n");
+    md.push_str(&report.to_markdown());
+    md.push_str(
+        "\n## Method\n\nSites `core` (10.99.0.1) and `edge` (10.99.0.2) are network namespaces joined by the cairn-wan userspace link emulator. The image is pushed inside the core namespace (loopback) to a Cairn core node and to docker-registry. Per rep, in the order of `--contestants`: a fresh edge server (fresh data/cache dir) where there is one, then `skopeo --insecure-policy copy --src-tls-verify=false docker://HOST:PORT/bench/img:v1 dir:OUT` in the edge namespace, timed as the wall time of the skopeo process; then the pull is verified (sha256 of every blob, blob set, manifest digest), untimed. Utilisation = image bytes × 8 / seconds / link rate (for a pull killed at the timeout: IP bytes delivered core→edge × 8 / seconds / rate). WAN bytes are IP bytes the link model delivered core→edge during the pull.\n",
+    );
+    println!("{md}");
+    let out = match (a.out, a.quick) {
+        (Some(o), _) => Some(o),
+        (None, false) => Some(PathBuf::from("bench/results")),
+        (None, true) => None,
+    };
+    if let Some(out) = out {
+        let stem = match &a.suffix {
+            Some(s) => format!("wan-scenario1-{date}-{s}"),
+            None => format!("wan-scenario1-{date}"),
+        };
+        std::fs::create_dir_all(&out)?;
+        let json = serde_json::json!({
+            "date": date,
+            "command": command,
+            "machine": machine,
+            "link_check": check,
+            "result": report,
+            "summary": {
+                "image_bytes": report.image.bytes(),
+                "secs": report.config.contestants.iter().map(|c| (c.clone(), serde_json::json!(cairn_wan::scenario::Stats::of(&report.secs(c))))).collect::<serde_json::Map<_, _>>(),
+                "utilisation": report.config.contestants.iter().map(|c| (c.clone(), serde_json::json!(report.utilisation(c)))).collect::<serde_json::Map<_, _>>(),
+                "ratio_cairn_direct": report.ratio("cairn", "direct"),
+                "ratio_cairn_proxy": report.ratio("cairn", "proxy"),
+                "ratio_cairn_bbr_direct": report.ratio("cairn-bbr", "direct"),
+                "ratio_cairn_bbr_proxy": report.ratio("cairn-bbr", "proxy"),
+                "target_met_cairn": report.target_met(),
+            },
+        });
+        let md_path = out.join(format!("{stem}.md"));
+        std::fs::write(&md_path, &md)?;
+        std::fs::write(
+            out.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        eprintln!("wrote {}", md_path.display());
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if !cairn_wan::sys::is_root() {
+        eprintln!("cairn-wan: needs root for network namespaces and TUN; run as root");
+        return std::process::ExitCode::from(2);
+    }
+    let res = match cli.cmd {
+        Cmd::Check(a) => check(a),
+        Cmd::Up { config } => up(config),
+        Cmd::Clean => cairn_wan::sys::remove_stale()
+            .map(|names| {
+                for n in &names {
+                    println!("removed {n}");
+                }
+                println!("{} stale namespaces removed", names.len());
+            })
+            .map_err(Into::into),
+        Cmd::Scenario {
+            which: ScenarioCmd::ColdPull(a),
+        } => cold_pull(a),
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn-wan: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

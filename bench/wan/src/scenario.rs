@@ -1,0 +1,1167 @@
+//! Scenario 1 of the WAN benchmark: **cold image pull at an edge**.
+//!
+//! Two sites, `core` (10.99.0.1) and `edge` (10.99.0.2), joined by one
+//! emulated link. The image (real files, built once with umoci and cached)
+//! is pushed inside the core namespace (loopback, never across the link) to
+//! a Cairn core node and to a docker-registry. Then, per repetition and in
+//! this order, `skopeo copy docker://… dir:OUT` runs in the edge namespace
+//! against:
+//!
+//! * **cairn**: a fresh `cairn node` edge (fresh data dir) whose parent is
+//!   the Cairn core's QUIC address across the link (cold edge);
+//! * **direct**: the docker-registry at the core, across the link;
+//! * **proxy**: a fresh docker-registry pull-through cache at the edge
+//!   (`proxy.remoteurl` = the core's docker-registry; cold cache).
+//!
+//! Every pull is timed (wall clock of the skopeo process, including its
+//! start-up), then verified untimed (every blob hashes to its name, the
+//! blob set is the image's). The bytes crossing the link core→edge during
+//! the pull come from the link model's counters.
+//!
+//! Everything runs as processes (`cairn`, `docker-registry`, `skopeo`,
+//! `umoci`, `sha256sum`); this crate links no Cairn crate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::check::short_spec;
+use crate::model::LinkSpec;
+use crate::wan::{ChildGuard, Wan};
+
+/// Repository and tag the image is pushed as.
+pub const REPO: &str = "bench/img";
+/// Tag in the registries.
+pub const TAG: &str = "v1";
+/// Tag inside the OCI layout.
+const LAYOUT_TAG: &str = "img";
+const MIB: u64 = 1 << 20;
+/// Where the image's files come from (each walked in path order; one file
+/// from each source in turn).
+const SOURCES: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/share",
+    "/usr/lib/llvm-14",
+    "/usr/lib/jvm",
+    "/usr/lib/gcc",
+    "/usr/lib/python3.11",
+    "/usr/bin",
+];
+/// Larger files are skipped.
+const MAX_FILE: u64 = 32 * MIB;
+/// Bumped when the way the image is built changes (part of the cache key).
+const IMAGE_RECIPE: u32 = 1;
+/// Ports, the same in every site.
+const CAIRN_REGISTRY_PORT: u16 = 5000;
+const DOCKER_REGISTRY_PORT: u16 = 5001;
+const CAIRN_QUIC_PORT: u16 = 7443;
+
+/// The contestants, in the order they run within a repetition by default.
+/// `cairn-bbr` (both Cairn nodes with `--congestion bbr`) can be added.
+pub const CONTESTANTS: &[&str] = &["cairn", "direct", "proxy"];
+/// Every contestant there is, with what it is.
+pub const ALL_CONTESTANTS: &[(&str, &str)] = &[
+    (
+        "cairn",
+        "Cairn edge (cold) ← Cairn core over QUIC, node default congestion control (CUBIC)",
+    ),
+    (
+        "cairn-bbr",
+        "the same with `--congestion bbr` on both Cairn nodes",
+    ),
+    ("direct", "docker-registry at the core, across the link"),
+    (
+        "proxy",
+        "docker-registry pull-through cache at the edge (cold)",
+    ),
+];
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdPullConfig {
+    /// The link core↔edge (both directions).
+    pub spec: LinkSpec,
+    /// Repetitions per contestant.
+    pub reps: usize,
+    /// Bytes of real files in the image (before gzip).
+    pub image_file_bytes: u64,
+    /// Layers.
+    pub layers: usize,
+    /// The `cairn` binary.
+    pub cairn: PathBuf,
+    /// Contestants, in run order within a repetition (see
+    /// [`ALL_CONTESTANTS`]).
+    pub contestants: Vec<String>,
+    /// Scratch root (image cache and work dirs).
+    pub tmp: PathBuf,
+    /// Bound on one pull.
+    pub pull_timeout: Duration,
+    /// Seed of the link models.
+    pub seed: u64,
+}
+
+/// The programs the scenario drives; a clear error if one is missing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tools {
+    /// Versions, by program.
+    pub versions: BTreeMap<String, String>,
+}
+
+fn in_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    cmd.stdin(Stdio::null())
+        .output()
+        .map(|o| {
+            let s = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&s)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+impl Tools {
+    /// Checks that every program is there.
+    pub fn find(cairn: &Path) -> Result<Self> {
+        let apt = "apt-get install -y --no-install-recommends skopeo umoci docker-registry";
+        for t in ["skopeo", "umoci", "docker-registry", "sha256sum", "ss"] {
+            ensure!(in_path(t), "{t} not found on the PATH (Debian: {apt})");
+        }
+        ensure!(
+            cairn.is_file(),
+            "the cairn binary {} does not exist; build it with \
+             `cargo build --release -p cairn-cli` (or pass --cairn PATH)",
+            cairn.display()
+        );
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            "skopeo".into(),
+            first_line(Command::new("skopeo").arg("--version")),
+        );
+        versions.insert(
+            "umoci".into(),
+            first_line(Command::new("umoci").arg("--version")),
+        );
+        versions.insert(
+            "docker-registry".into(),
+            first_line(Command::new("docker-registry").arg("--version")),
+        );
+        versions.insert(
+            "cairn".into(),
+            first_line(Command::new(cairn).arg("--version")),
+        );
+        Ok(Self { versions })
+    }
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("start {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ---------------------------------------------------------------------------
+// The image
+// ---------------------------------------------------------------------------
+
+/// One blob of the image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Blob {
+    /// `sha256:…`.
+    pub digest: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// The image's facts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageMeta {
+    recipe: u32,
+    /// The manifest blob.
+    pub manifest: Blob,
+    /// The config blob.
+    pub config: Blob,
+    /// Layer blobs (gzip, as umoci writes them).
+    pub layers: Vec<Blob>,
+    /// Files in the image.
+    pub files: usize,
+    /// Their bytes (uncompressed).
+    pub file_bytes: u64,
+    /// Where they came from.
+    pub sources: Vec<String>,
+}
+
+impl ImageMeta {
+    fn blobs(&self) -> impl Iterator<Item = &Blob> {
+        std::iter::once(&self.config).chain(&self.layers)
+    }
+    /// Manifest + config + layers: what a pull moves.
+    pub fn bytes(&self) -> u64 {
+        self.manifest.bytes + self.blobs().map(|b| b.bytes).sum::<u64>()
+    }
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(hex_of(digest))
+}
+
+fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
+        entries.sort();
+        // Reverse so that the stack pops in path order.
+        for p in entries.into_iter().rev() {
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                out.push((p, m.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn select_files(target: u64) -> (Vec<(PathBuf, u64)>, Vec<String>) {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut lists: Vec<(&str, std::vec::IntoIter<(PathBuf, u64)>)> = SOURCES
+        .iter()
+        .filter(|s| Path::new(s).is_dir())
+        .map(|s| (*s, regular_files(Path::new(s)).into_iter()))
+        .collect();
+    let mut inodes = std::collections::HashSet::new();
+    let mut used = std::collections::BTreeSet::new();
+    let (mut files, mut total) = (Vec::new(), 0u64);
+    while total < target && !lists.is_empty() {
+        lists.retain_mut(|(src, it)| {
+            if total >= target {
+                return true;
+            }
+            for (p, len) in it.by_ref() {
+                let Ok(meta) = fs::metadata(&p) else { continue };
+                if len > MAX_FILE.min((target / 8).max(64 * 1024))
+                    || !inodes.insert((meta.dev(), meta.ino()))
+                    || fs::File::open(&p).is_err()
+                {
+                    continue;
+                }
+                files.push((p, len));
+                used.insert((*src).to_owned());
+                total += len;
+                return true;
+            }
+            false
+        });
+    }
+    (files, used.into_iter().collect())
+}
+
+fn parse_blob(v: &serde_json::Value) -> Result<Blob> {
+    Ok(Blob {
+        digest: v["digest"]
+            .as_str()
+            .context("descriptor without digest")?
+            .to_owned(),
+        bytes: v["size"].as_u64().context("descriptor without size")?,
+    })
+}
+
+fn load_cached(root: &Path) -> Option<ImageMeta> {
+    let meta: ImageMeta = serde_json::from_slice(&fs::read(root.join("meta.json")).ok()?).ok()?;
+    if meta.recipe != IMAGE_RECIPE {
+        return None;
+    }
+    let layout = root.join("layout");
+    let ok = std::iter::once(&meta.manifest)
+        .chain(meta.blobs())
+        .all(|b| {
+            fs::metadata(blob_path(&layout, &b.digest))
+                .map(|m| m.len())
+                .ok()
+                == Some(b.bytes)
+        });
+    ok.then_some(meta)
+}
+
+/// The image in `tmp/cairn-wan-image/<N>mib-<L>layers/layout` (tag `img`),
+/// built with umoci on first use: `file_bytes` of real files from
+/// [`SOURCES`], split over `layers` layers of roughly equal size, then
+/// cached. Returns the layout and its facts.
+pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, ImageMeta)> {
+    let root = tmp
+        .join("cairn-wan-image")
+        .join(format!("{}mib-{layers}layers", file_bytes / MIB));
+    if let Some(m) = load_cached(&root) {
+        eprintln!("reusing the cached image in {}", root.display());
+        return Ok((root.join("layout"), m));
+    }
+    let (files, sources) = select_files(file_bytes);
+    ensure!(
+        files.len() >= layers,
+        "too few readable files under {SOURCES:?}"
+    );
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    eprintln!(
+        "building the image: {} files, {:.1} MiB from {} into {layers} layers (umoci, gzip; cached)",
+        files.len(),
+        total as f64 / MIB as f64,
+        sources.join(", ")
+    );
+    let build = root.with_extension("building");
+    let _ = fs::remove_dir_all(&build);
+    fs::create_dir_all(&build)?;
+    let layout = build.join("layout");
+    let bundle = build.join("bundle");
+    let (layout_s, bundle_s) = (layout.display().to_string(), bundle.display().to_string());
+    let image = format!("{layout_s}:{LAYOUT_TAG}");
+    let umoci = |args: &[&str]| run_checked(Command::new("umoci").args(args), "umoci").map(|_| ());
+    umoci(&["init", "--layout", &layout_s])?;
+    umoci(&["new", "--image", &image])?;
+    umoci(&["unpack", "--image", &image, &bundle_s])?;
+    let rootfs = bundle.join("rootfs");
+    let per_layer = total.div_ceil(layers as u64);
+    let mut groups: Vec<Vec<&(PathBuf, u64)>> = vec![Vec::new(); layers];
+    let mut cum = 0u64;
+    for f in &files {
+        let k = usize::try_from(cum / per_layer)
+            .unwrap_or(0)
+            .min(layers - 1);
+        groups[k].push(f);
+        cum += f.1;
+    }
+    for (i, g) in groups.iter().enumerate() {
+        for (p, _) in g {
+            let dest = rootfs.join(p.strip_prefix("/").unwrap_or(p));
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::copy(p, &dest).with_context(|| format!("copy {}", p.display()))?;
+        }
+        let by = format!("cairn-wan layer {}", i + 1);
+        umoci(&[
+            "repack",
+            "--refresh-bundle",
+            "--history.created_by",
+            &by,
+            "--image",
+            &image,
+            &bundle_s,
+        ])?;
+    }
+    umoci(&["config", "--image", &image, "--config.cmd", "sh"])?;
+    umoci(&["gc", "--layout", &layout_s])?;
+    fs::remove_dir_all(&bundle)?;
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
+    let desc = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == LAYOUT_TAG)
+        .context("index.json has no manifest tagged img")?;
+    let manifest = parse_blob(desc)?;
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob_path(&layout, &manifest.digest))?)?;
+    let meta = ImageMeta {
+        recipe: IMAGE_RECIPE,
+        manifest,
+        config: parse_blob(&m["config"])?,
+        layers: m["layers"]
+            .as_array()
+            .context("manifest without layers")?
+            .iter()
+            .map(parse_blob)
+            .collect::<Result<_>>()?,
+        files: files.len(),
+        file_bytes: total,
+        sources,
+    };
+    ensure!(
+        meta.layers.len() == layers,
+        "umoci made {} layers, expected {layers}",
+        meta.layers.len()
+    );
+    fs::write(build.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
+    let _ = fs::remove_dir_all(&root);
+    fs::rename(&build, &root)?;
+    Ok((root.join("layout"), meta))
+}
+
+/// Checks a `dir:` pull: every blob hashes to its name, the set is the
+/// image's, the manifest is the pushed one.
+fn verify_pulled(dir: &Path, img: &ImageMeta) -> Result<()> {
+    let mut want: BTreeMap<String, u64> = img
+        .blobs()
+        .map(|b| (hex_of(&b.digest).to_owned(), b.bytes))
+        .collect();
+    let mut paths = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != "version" {
+            paths.push((name, e.path()));
+        }
+    }
+    let out = run_checked(
+        Command::new("sha256sum").args(paths.iter().map(|p| &p.1)),
+        "sha256sum",
+    )?;
+    let sums: BTreeMap<String, String> = out
+        .lines()
+        .filter_map(|l| {
+            let (sum, path) = l.split_once("  ")?;
+            Some((
+                Path::new(path).file_name()?.to_string_lossy().into_owned(),
+                sum.to_owned(),
+            ))
+        })
+        .collect();
+    let mut manifest = false;
+    for (name, path) in &paths {
+        let sum = sums
+            .get(name)
+            .with_context(|| format!("no sum for {name}"))?;
+        if name == "manifest.json" {
+            ensure!(
+                sum == hex_of(&img.manifest.digest),
+                "WRONG BYTES: the pulled manifest is sha256:{sum}, not {}",
+                img.manifest.digest
+            );
+            manifest = true;
+            continue;
+        }
+        ensure!(
+            sum == name,
+            "WRONG BYTES: blob {name} hashes to sha256:{sum}"
+        );
+        let len = fs::metadata(path)?.len();
+        match want.remove(name) {
+            Some(n) => ensure!(n == len, "blob {name} is {len} bytes, not {n}"),
+            None => bail!("unexpected blob {name}"),
+        }
+    }
+    ensure!(manifest, "no manifest.json in {}", dir.display());
+    ensure!(
+        want.is_empty(),
+        "blobs missing: {:?}",
+        want.keys().collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Servers in the sites
+// ---------------------------------------------------------------------------
+
+/// A server in a site: killed on drop (the WAN also kills leftovers).
+#[derive(Debug)]
+struct Server {
+    name: String,
+    _guard: ChildGuard,
+    log: PathBuf,
+    dir: PathBuf,
+    registry: String,
+    token: Option<String>,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn wait_listening(wan: &Wan, site: &str, port: u16, log: &Path, what: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let out = wan.run_in(site, "ss", ["-Htln", &format!("sport = :{port}")])?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{what} does not listen on :{port} after 30 s; log:\n{}",
+            tail(log, 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn_logged(wan: &Wan, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
+    let f = fs::File::create(log)?;
+    cmd.stdout(f.try_clone()?).stderr(f);
+    Ok(wan.spawn(cmd)?)
+}
+
+fn docker_registry(wan: &Wan, site: &str, dir: &Path, proxy: Option<&str>) -> Result<Server> {
+    fs::create_dir_all(dir.join("data"))?;
+    let addr = format!("{}:{DOCKER_REGISTRY_PORT}", wan.addr(site)?);
+    let mut cfg = format!(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+         storage:\n  filesystem:\n    rootdirectory: \"{}\"\n  delete:\n    enabled: true\n\
+         http:\n  addr: {addr}\n",
+        dir.join("data").display()
+    );
+    if let Some(p) = proxy {
+        let _ = writeln!(cfg, "proxy:\n  remoteurl: http://{p}");
+    }
+    let config = dir.join("config.yml");
+    fs::write(&config, cfg)?;
+    let log = dir.join("log");
+    let mut cmd = wan.command(site, "docker-registry")?;
+    cmd.arg("serve").arg(&config);
+    let guard = spawn_logged(wan, cmd, &log)?;
+    wait_listening(wan, site, DOCKER_REGISTRY_PORT, &log, "docker-registry")?;
+    Ok(Server {
+        name: format!("docker-registry@{site}"),
+        _guard: guard,
+        log,
+        dir: dir.to_path_buf(),
+        registry: addr,
+        token: None,
+    })
+}
+
+fn cairn_node(
+    wan: &Wan,
+    cfg: &ColdPullConfig,
+    site: &str,
+    ca: &Path,
+    dir: &Path,
+    parent: Option<&str>,
+    bbr: bool,
+) -> Result<Server> {
+    // The BBR core listens on the next ports, next to the default one.
+    let off = u16::from(bbr && parent.is_none());
+    fs::create_dir_all(dir)?;
+    let ip = wan.addr(site)?;
+    let data = dir.join("data");
+    let log = dir.join("log");
+    let mut cmd = wan.command(site, &cfg.cairn)?;
+    for v in [
+        "CAIRN_CONFIG",
+        "CAIRN_DATA_DIR",
+        "CAIRN_IDENTITY",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.arg("node")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--identity")
+        .arg(ca.join(site))
+        .args(["--site", site])
+        .args([
+            "--registry-listen",
+            &format!("{ip}:{}", CAIRN_REGISTRY_PORT + 2 * off),
+        ])
+        .args(["--api-listen", &format!("127.0.0.1:{}", 7480 + off)])
+        .args(["--quic-listen", &format!("{ip}:{}", CAIRN_QUIC_PORT + off)])
+        .args(["--nbd-listen", &format!("127.0.0.1:{}", 10809 + off)]);
+    if bbr {
+        cmd.args(["--congestion", "bbr"]);
+    }
+    if let Some(p) = parent {
+        cmd.arg("--parent").arg(p);
+    }
+    let guard = spawn_logged(wan, cmd, &log)?;
+    let t = Instant::now();
+    loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("cairn node ")) {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "cairn node in {site} printed no start line in 30 s; log:\n{}",
+            tail(&log, 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_listening(wan, site, CAIRN_REGISTRY_PORT + 2 * off, &log, "cairn node")?;
+    let token = fs::read_to_string(data.join("registry-token"))
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    Ok(Server {
+        name: format!("cairn@{site}"),
+        _guard: guard,
+        log,
+        dir: dir.to_path_buf(),
+        registry: format!("{ip}:{}", CAIRN_REGISTRY_PORT + 2 * off),
+        token,
+    })
+}
+
+impl Server {
+    fn image_ref(&self) -> String {
+        format!("docker://{}/{REPO}:{TAG}", self.registry)
+    }
+    /// Warning/error lines in the log (a sample).
+    fn log_problems(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                (l.contains(" WARN ")
+                    || l.contains(" ERROR ")
+                    || l.contains("level=error")
+                    || l.contains("panicked"))
+                    && !l.contains("blob unknown")
+                    && !l.contains("manifest unknown")
+            })
+            .take(5)
+            .map(|l| l.chars().take(300).collect())
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------
+
+/// One timed skopeo run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pull {
+    /// Contestant.
+    pub who: String,
+    /// Repetition (0-based).
+    pub rep: usize,
+    /// Wall seconds of `skopeo copy` (when timed out: the timeout, a lower
+    /// bound).
+    pub secs: f64,
+    /// Killed at the timeout (not verified; `secs` is a lower bound).
+    pub timed_out: bool,
+    /// IP bytes the link delivered core→edge during the pull.
+    pub wan_bytes_core_to_edge: u64,
+    /// IP bytes edge→core.
+    pub wan_bytes_edge_to_core: u64,
+    /// Packets the link dropped core→edge (random loss + queue).
+    pub dropped_core_to_edge: u64,
+    /// Of which by tail drop at the bottleneck queue (the rest: random
+    /// loss).
+    pub queue_drops_core_to_edge: u64,
+    /// Image bytes × 8 / secs / link rate.
+    pub utilisation: f64,
+    /// Log lines at warning level or worse from the servers involved.
+    pub server_log_problems: Vec<String>,
+}
+
+/// min / median / max.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stats {
+    /// Smallest.
+    pub min: f64,
+    /// Median.
+    pub median: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Stats {
+    /// Of a non-empty slice (NaN otherwise).
+    pub fn of(v: &[f64]) -> Self {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            return Self {
+                min: f64::NAN,
+                median: f64::NAN,
+                max: f64::NAN,
+            };
+        }
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Self {
+            min: s[0],
+            median,
+            max: s[n - 1],
+        }
+    }
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdPullReport {
+    /// What ran.
+    pub config: ColdPullConfig,
+    /// Tool versions.
+    pub tools: Tools,
+    /// The image.
+    pub image: ImageMeta,
+    /// Push times inside the core namespace (context): cairn, docker-registry.
+    pub push_secs: BTreeMap<String, f64>,
+    /// Every pull.
+    pub pulls: Vec<Pull>,
+}
+
+impl ColdPullReport {
+    /// Seconds of a contestant's pulls.
+    pub fn secs(&self, who: &str) -> Vec<f64> {
+        self.pulls
+            .iter()
+            .filter(|p| p.who == who)
+            .map(|p| p.secs)
+            .collect()
+    }
+    /// Median of `a` over median of `b`.
+    pub fn ratio(&self, a: &str, b: &str) -> f64 {
+        Stats::of(&self.secs(a)).median / Stats::of(&self.secs(b)).median
+    }
+    /// Median utilisation of a contestant.
+    pub fn utilisation(&self, who: &str) -> Stats {
+        let v: Vec<f64> = self
+            .pulls
+            .iter()
+            .filter(|p| p.who == who)
+            .map(|p| p.utilisation)
+            .collect();
+        Stats::of(&v)
+    }
+    /// Whether the issue's target holds: cairn ≤ 0.8 × direct at ≥ 85%
+    /// utilisation (medians).
+    pub fn target_met(&self) -> bool {
+        self.ratio("cairn", "direct") <= 0.8 && self.utilisation("cairn").median >= 0.85
+    }
+
+    /// The Markdown section (no header, no link check).
+    pub fn to_markdown(&self) -> String {
+        let img = &self.image;
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "Link core↔edge: {} (both directions). Image: {} files, {:.1} MiB of real files from {}, \
+             {} gzip layers (umoci); a pull moves **{:.1} MiB** ({} bytes: manifest + config + layers).\n",
+            short_spec(&self.config.spec),
+            img.files,
+            img.file_bytes as f64 / MIB as f64,
+            img.sources.join(", "),
+            img.layers.len(),
+            img.bytes() as f64 / MIB as f64,
+            img.bytes(),
+        );
+        let _ = writeln!(
+            md,
+            "Tools: {}. Pull timeout {} s (a timed-out pull counts as the timeout: a lower bound).\n",
+            self.tools
+                .versions
+                .iter()
+                .map(|(k, v)| format!("{k} `{v}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.config.pull_timeout.as_secs()
+        );
+        md.push_str(
+            "| contestant | reps | seconds min / median / max | utilisation median (min–max) | WAN bytes core→edge (median) | Cairn time ratio |\n|---|---|---|---|---|---|\n",
+        );
+        let desc = ALL_CONTESTANTS
+            .iter()
+            .filter(|(n, _)| self.config.contestants.iter().any(|c| c == n));
+        for &(who, d) in desc {
+            let s = Stats::of(&self.secs(who));
+            let u = self.utilisation(who);
+            let mut wb: Vec<f64> = self
+                .pulls
+                .iter()
+                .filter(|p| p.who == who)
+                .map(|p| p.wan_bytes_core_to_edge as f64)
+                .collect();
+            wb.sort_by(f64::total_cmp);
+            let wbm = Stats::of(&wb).median;
+            let _ = writeln!(
+                md,
+                "| **{who}**: {d} | {}{} | {:.2} / **{:.2}** / {:.2} | **{:.0}%** ({:.0}–{:.0}%) | {:.1} MiB ({:.2}× image) | {} |",
+                self.secs(who).len(),
+                match self.pulls.iter().filter(|p| p.who == who && p.timed_out).count() {
+                    0 => String::new(),
+                    n => format!(" ({n} TIMED OUT)"),
+                },
+                s.min,
+                s.median,
+                s.max,
+                u.median * 100.0,
+                u.min * 100.0,
+                u.max * 100.0,
+                wbm / MIB as f64,
+                wbm / img.bytes() as f64,
+                if who.starts_with("cairn") {
+                    format!("vs direct {:.2}×, vs proxy {:.2}×", self.ratio(who, "direct"), self.ratio(who, "proxy"))
+                } else {
+                    "—".to_owned()
+                },
+            );
+        }
+        md.push('\n');
+        for who in ["cairn", "cairn-bbr"] {
+            if !self.config.contestants.iter().any(|c| c == who) {
+                continue;
+            }
+            let r_direct = self.ratio(who, "direct");
+            let r_proxy = self.ratio(who, "proxy");
+            let u = self.utilisation(who).median;
+            let met = r_direct <= 0.8 && u >= 0.85;
+            let _ = writeln!(
+                md,
+                "- **{who} / direct = {r_direct:.2}×, {who} / proxy = {r_proxy:.2}×** (median times; lower is better); \
+                 {who}'s link utilisation {:.0}%. Target (issue 6: ≤ 0.8× direct at ≥ 85% utilisation): **{}**.",
+                u * 100.0,
+                if met { "MET" } else { "NOT MET" },
+            );
+        }
+        md.push_str("\nPer pull (in run order):\n\n| rep | contestant | seconds | utilisation | WAN MiB core→edge | edge→core MiB | dropped core→edge, pkts (of which queue) |\n|---|---|---|---|---|---|---|\n");
+        for p in &self.pulls {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {}{:.2} | {:.0}% | {:.1} | {:.2} | {} ({}) |",
+                p.rep + 1,
+                p.who,
+                if p.timed_out { "TIMED OUT ≥ " } else { "" },
+                p.secs,
+                p.utilisation * 100.0,
+                p.wan_bytes_core_to_edge as f64 / MIB as f64,
+                p.wan_bytes_edge_to_core as f64 / MIB as f64,
+                p.dropped_core_to_edge,
+                p.queue_drops_core_to_edge
+            );
+        }
+        let problems: Vec<String> = self
+            .pulls
+            .iter()
+            .flat_map(|p| {
+                p.server_log_problems
+                    .iter()
+                    .map(move |l| format!("{} rep {}: {l}", p.who, p.rep + 1))
+            })
+            .take(10)
+            .collect();
+        if !problems.is_empty() {
+            md.push_str("\nServer log lines at warning level or worse (first 10):\n\n");
+            for l in problems {
+                let _ = writeln!(md, "- `{}`", l.replace('`', "'"));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nPushes (inside the core namespace, over its loopback; context only): {}.",
+            self.push_secs
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        md
+    }
+}
+
+/// Seconds, and whether it was killed at the timeout.
+fn skopeo_in(
+    wan: &Wan,
+    site: &str,
+    args: &[String],
+    log: &Path,
+    timeout: Duration,
+) -> Result<(f64, bool)> {
+    let mut cmd = wan.command(site, "skopeo")?;
+    cmd.arg("--insecure-policy").arg("copy").args(args);
+    let f = fs::File::create(log)?;
+    cmd.stdout(f.try_clone()?).stderr(f);
+    let t = Instant::now();
+    let mut child = cmd.spawn().context("start skopeo")?;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!(
+                "skopeo copy {} took over {timeout:?}; killed",
+                args.join(" ")
+            );
+            return Ok((t.elapsed().as_secs_f64(), true));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        status.success(),
+        "skopeo copy {} failed ({status}); log:\n{}",
+        args.join(" "),
+        tail(log, 20)
+    );
+    Ok((secs, false))
+}
+
+fn link_bytes(wan: &Wan) -> Result<(u64, u64, u64, u64)> {
+    let ce = wan.stats("core", "edge")?;
+    let ec = wan.stats("edge", "core")?;
+    Ok((
+        ce.delivered_bytes,
+        ec.delivered_bytes,
+        ce.dropped_loss + ce.dropped_queue,
+        ce.dropped_queue,
+    ))
+}
+
+/// Runs the scenario on a fresh WAN (progress goes to stderr). A pull that
+/// outlives `pull_timeout` is killed and recorded as timed out; any other
+/// failure (a server that does not start, a failed or wrong pull) is an
+/// error. Servers, namespaces and the work dir are gone when it returns.
+pub fn run_cold_pull(cfg: &ColdPullConfig) -> Result<ColdPullReport> {
+    let tools = Tools::find(&cfg.cairn)?;
+    let (layout, img) = image(&cfg.tmp, cfg.image_file_bytes, cfg.layers)?;
+    eprintln!(
+        "image: {} layers, {:.1} MiB to pull",
+        img.layers.len(),
+        img.bytes() as f64 / MIB as f64
+    );
+    let work = cfg
+        .tmp
+        .join(format!("cairn-wan-scenario-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let result = run_in_work(cfg, &tools, &layout, &img, &work);
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+fn run_in_work(
+    cfg: &ColdPullConfig,
+    tools: &Tools,
+    layout: &Path,
+    img: &ImageMeta,
+    work: &Path,
+) -> Result<ColdPullReport> {
+    let ca = work.join("ca");
+    run_checked(
+        Command::new(&cfg.cairn).args(["cluster", "init"]).arg(&ca),
+        "cairn cluster init",
+    )?;
+    for n in ["core", "edge"] {
+        run_checked(
+            Command::new(&cfg.cairn)
+                .args(["cluster", "add-node"])
+                .arg(&ca)
+                .arg(n),
+            "cairn cluster add-node",
+        )?;
+    }
+    let wan = Wan::builder()
+        .seed(cfg.seed)
+        .site("core")
+        .site("edge")
+        .link("core", "edge", cfg.spec)
+        .start()?;
+    let want = |w: &str| cfg.contestants.iter().any(|c| c == w);
+    for c in &cfg.contestants {
+        ensure!(
+            ALL_CONTESTANTS.iter().any(|(n, _)| n == c),
+            "unknown contestant {c}; known: {:?}",
+            ALL_CONTESTANTS.iter().map(|c| c.0).collect::<Vec<_>>()
+        );
+    }
+    let mut cores = Vec::new();
+    if want("cairn") {
+        cores.push(cairn_node(
+            &wan,
+            cfg,
+            "core",
+            &ca,
+            &work.join("core-cairn"),
+            None,
+            false,
+        )?);
+    }
+    if want("cairn-bbr") {
+        cores.push(cairn_node(
+            &wan,
+            cfg,
+            "core",
+            &ca,
+            &work.join("core-cairn-bbr"),
+            None,
+            true,
+        )?);
+        if let Some(s) = cores.last_mut() {
+            s.name.push_str("-bbr");
+        }
+    }
+    let core_reg = docker_registry(&wan, "core", &work.join("core-registry"), None)?;
+    // Push both inside the core namespace (loopback; never crosses the link).
+    let mut push_secs = BTreeMap::new();
+    for s in cores.iter().chain([&core_reg]) {
+        let mut args = vec!["--dest-tls-verify=false".to_owned()];
+        if let Some(t) = &s.token {
+            args.push("--dest-creds".into());
+            args.push(format!("cairn:{t}"));
+        }
+        args.push(format!("oci:{}:{LAYOUT_TAG}", layout.display()));
+        args.push(s.image_ref());
+        let before = link_bytes(&wan)?;
+        let (secs, to) = skopeo_in(
+            &wan,
+            "core",
+            &args,
+            &work.join(format!("push-{}.log", s.name)),
+            cfg.pull_timeout,
+        )?;
+        ensure!(!to, "the push to {} timed out", s.name);
+        ensure!(
+            link_bytes(&wan)? == before,
+            "the push to {} crossed the link",
+            s.name
+        );
+        eprintln!("pushed to {}: {secs:.2} s", s.name);
+        push_secs.insert(s.name.clone(), secs);
+    }
+    let core_quic = format!("core@{}:{CAIRN_QUIC_PORT}", wan.addr("core")?);
+    let core_quic_bbr = format!("core@{}:{}", wan.addr("core")?, CAIRN_QUIC_PORT + 1);
+    let rate = cfg.spec.rate_bps as f64;
+    let mut pulls = Vec::new();
+    for rep in 0..cfg.reps {
+        for who in &cfg.contestants {
+            let who = who.as_str();
+            let dir = work.join(format!("{rep}-{who}"));
+            fs::create_dir_all(&dir)?;
+            let edge = match who {
+                "cairn" => Some(cairn_node(
+                    &wan,
+                    cfg,
+                    "edge",
+                    &ca,
+                    &dir.join("edge"),
+                    Some(&core_quic),
+                    false,
+                )?),
+                "cairn-bbr" => Some(cairn_node(
+                    &wan,
+                    cfg,
+                    "edge",
+                    &ca,
+                    &dir.join("edge"),
+                    Some(&core_quic_bbr),
+                    true,
+                )?),
+                "proxy" => Some(docker_registry(
+                    &wan,
+                    "edge",
+                    &dir.join("edge"),
+                    Some(&core_reg.registry),
+                )?),
+                _ => None,
+            };
+            let source = edge.as_ref().unwrap_or(&core_reg);
+            let out = dir.join("out");
+            let args = vec![
+                "--src-tls-verify=false".to_owned(),
+                source.image_ref(),
+                format!("dir:{}", out.display()),
+            ];
+            let before = link_bytes(&wan)?;
+            let (secs, timed_out) = skopeo_in(
+                &wan,
+                "edge",
+                &args,
+                &dir.join("skopeo.log"),
+                cfg.pull_timeout,
+            )
+            .with_context(|| format!("{who} rep {}", rep + 1))?;
+            let after = link_bytes(&wan)?;
+            if !timed_out {
+                verify_pulled(&out, img)
+                    .with_context(|| format!("verify {who} rep {}", rep + 1))?;
+            }
+            let mut problems = edge.as_ref().map(Server::log_problems).unwrap_or_default();
+            if who.starts_with("cairn") {
+                for c in &cores {
+                    problems.extend(c.log_problems());
+                }
+            }
+            let p = Pull {
+                who: who.to_owned(),
+                rep,
+                secs,
+                timed_out,
+                wan_bytes_core_to_edge: after.0 - before.0,
+                wan_bytes_edge_to_core: after.1 - before.1,
+                dropped_core_to_edge: after.2 - before.2,
+                queue_drops_core_to_edge: after.3 - before.3,
+                utilisation: if rate > 0.0 {
+                    let bytes = if timed_out {
+                        after.0 - before.0
+                    } else {
+                        img.bytes()
+                    };
+                    bytes as f64 * 8.0 / secs / rate
+                } else {
+                    f64::NAN
+                },
+                server_log_problems: problems,
+            };
+            eprintln!(
+                "rep {} {who:<9} {secs:>7.2} s  utilisation {:>5.1}%  WAN {:.1} MiB {}",
+                rep + 1,
+                p.utilisation * 100.0,
+                p.wan_bytes_core_to_edge as f64 / MIB as f64,
+                if timed_out {
+                    "TIMED OUT (not verified)"
+                } else {
+                    "(verified)"
+                }
+            );
+            pulls.push(p);
+            drop(edge);
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+    let _ = &core_reg.dir;
+    drop(cores);
+    drop(core_reg);
+    drop(wan);
+    Ok(ColdPullReport {
+        config: cfg.clone(),
+        tools: tools.clone(),
+        image: img.clone(),
+        push_secs,
+        pulls,
+    })
+}

@@ -1,0 +1,87 @@
+//! Smoke run of scenario 1 (cold image pull at an edge): a small image, one
+//! rep of each contestant over 50 ms RTT / 100 Mbit/s / 0.5% loss; checks
+//! that every pull completed and verified, and that the namespaces are gone
+//! afterwards. About 10 s.
+//!
+//! Needs root, the `cairn` binary (`cargo build --release -p cairn-cli`;
+//! `CAIRN_BIN` overrides the path), skopeo, umoci and docker-registry.
+//! Without them it prints a SKIP line and passes, unless
+//! `CAIRN_REQUIRE_CLIENTS=1`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cairn_wan::scenario::{run_cold_pull, ColdPullConfig, Tools, CONTESTANTS};
+use cairn_wan::LinkSpec;
+
+fn cairn_bin() -> PathBuf {
+    std::env::var_os("CAIRN_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/cairn"),
+        PathBuf::from,
+    )
+}
+
+#[test]
+fn cold_pull_smoke() -> anyhow::Result<()> {
+    let cairn = cairn_bin();
+    let why = if !cairn_wan::sys::is_root() {
+        Some("needs root for network namespaces and TUN".to_owned())
+    } else {
+        Tools::find(&cairn).err().map(|e| e.to_string())
+    };
+    if let Some(why) = why {
+        if cairn_wan::require_clients() {
+            panic!("cold_pull_smoke: {why} (CAIRN_REQUIRE_CLIENTS=1)");
+        }
+        println!("SKIP cold_pull_smoke: {why}");
+        return Ok(());
+    }
+    let cfg = ColdPullConfig {
+        spec: LinkSpec {
+            delay: Duration::from_millis(25),
+            rate_bps: 100_000_000,
+            loss: 0.005,
+            ..LinkSpec::default()
+        },
+        reps: 1,
+        image_file_bytes: 8 << 20,
+        layers: 2,
+        cairn,
+        contestants: CONTESTANTS.iter().map(|c| (*c).to_owned()).collect(),
+        tmp: std::env::temp_dir(),
+        pull_timeout: Duration::from_secs(60),
+        seed: 3,
+    };
+    let before = netns_names();
+    let r = run_cold_pull(&cfg)?;
+    for who in CONTESTANTS {
+        let s = r.secs(who);
+        assert_eq!(s.len(), 1, "{who}: {s:?}");
+        // At least one RTT, and far less than the timeout.
+        assert!(s[0] > 0.05 && s[0] < 60.0, "{who}: {s:?}");
+    }
+    for p in &r.pulls {
+        assert!(
+            p.wan_bytes_core_to_edge >= r.image.bytes(),
+            "{}: only {} bytes crossed the link for a {}-byte image",
+            p.who,
+            p.wan_bytes_core_to_edge,
+            r.image.bytes()
+        );
+    }
+    let after = netns_names();
+    let leaked: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(leaked.is_empty(), "namespaces left behind: {leaked:?}");
+    Ok(())
+}
+
+fn netns_names() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("cwan"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
