@@ -181,6 +181,9 @@ pub struct StoreSection {
     pub budget: Option<String>,
     /// zstd-compress chunks on disk.
     pub compress: Option<bool>,
+    /// Memory for the verified chunk cache (random reads: NBD), e.g.
+    /// `"1G"`; `"0"` turns it off.
+    pub chunk_cache: Option<String>,
 }
 
 /// `[transport]`.
@@ -446,6 +449,16 @@ impl NodeConfig {
         if let Some(z) = f.store.compress {
             c.store.compress = z;
         }
+        if let Some(cc) = &f.store.chunk_cache {
+            let n = parse_size(cc)
+                .map_err(|e| ConfigError::Invalid(format!("store.chunk_cache: {e}")))?;
+            if n > 1 << 40 {
+                return Err(ConfigError::Invalid(format!(
+                    "store.chunk_cache = {cc}: at most 1T"
+                )));
+            }
+            c.store.chunk_cache_bytes = n;
+        }
         if let Some(cc) = &f.transport.congestion {
             c.endpoint.congestion = cc
                 .parse::<Congestion>()
@@ -618,6 +631,7 @@ mod tests {
         assert_eq!(c.parents.len(), 1);
         assert_eq!(c.parents[0].name.as_deref(), Some("core-1"));
         assert_eq!(c.store.budget_bytes, Some(200 << 30));
+        assert_eq!(c.store.chunk_cache_bytes, 1 << 30);
         assert_eq!(
             c.identity,
             Some(PathBuf::from("/etc/cairn/ca/edge-berlin-1"))
