@@ -14,11 +14,17 @@ use std::time::Duration;
 use cairn_wan::scenario::{run_cold_pull, ColdPullConfig, Tools, CONTESTANTS};
 use cairn_wan::LinkSpec;
 
+/// `CAIRN_BIN`, else `release/cairn` under `CARGO_TARGET_DIR` or the
+/// workspace's `target/`.
 fn cairn_bin() -> PathBuf {
-    std::env::var_os("CAIRN_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/cairn"),
+    if let Some(p) = std::env::var_os("CAIRN_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"),
         PathBuf::from,
-    )
+    );
+    target.join("release/cairn")
 }
 
 #[test]
