@@ -160,6 +160,10 @@ async fn pull_and_check(
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(r.headers()["docker-content-digest"], sha(manifest).as_str());
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
     assert_eq!(r.bytes().await.unwrap(), manifest);
     let r = http
         .get(format!("http://{reg}/v2/lib/app/blobs/{}", sha(layer)))
@@ -182,47 +186,12 @@ async fn top_site_pulls_through_docker_registry() {
         .unwrap();
     let (manifest, layer) = push_test_image(&http, &up.addr).await;
 
-    let mut cfg = NodeConfig::new(dir.path().join("cairn"));
-    cfg.endpoint.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.api_listen = None;
-    cfg.nbd_listen = None;
-    cfg.registry_listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.registry.upstream = Some(format!("http://{}", up.addr));
-    let node = Node::start(cfg).await.unwrap();
+    let node = top_node(dir.path(), &format!("http://{}", up.addr), |_| {}).await;
     let reg = node.registry_addr().unwrap();
-
-    let pull = |http: reqwest::Client| {
-        let manifest = manifest.clone();
-        let layer = layer.clone();
-        async move {
-            let r = http
-                .get(format!("http://{reg}/v2/lib/app/manifests/v1"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            assert_eq!(
-                r.headers()["docker-content-digest"],
-                sha(&manifest).as_str()
-            );
-            assert_eq!(
-                r.headers()["content-type"],
-                "application/vnd.docker.distribution.manifest.v2+json"
-            );
-            assert_eq!(r.bytes().await.unwrap(), manifest);
-            let r = http
-                .get(format!("http://{reg}/v2/lib/app/blobs/{}", sha(&layer)))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            assert!(r.bytes().await.unwrap() == layer, "layer bytes");
-        }
-    };
-    pull(http.clone()).await;
+    pull_and_check(&http, reg, &manifest, &layer).await;
     // The upstream goes away: what was pulled stays served locally.
     drop(up);
-    pull(http.clone()).await;
+    pull_and_check(&http, reg, &manifest, &layer).await;
     let r = http
         .get(format!("http://{reg}/v2/lib/app/manifests/other"))
         .send()
