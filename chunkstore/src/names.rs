@@ -21,6 +21,19 @@ impl Store {
         }
     }
 
+    /// The object pinned under `key`, if that pin exists.
+    pub fn pin_target(&self, key: &str) -> Result<Option<ObjectId>> {
+        index::validate_name(key)?;
+        match self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(index::CF_PINS), key.as_bytes())?
+        {
+            Some(v) => Ok(ObjectId::from_slice(&v)),
+            None => Ok(None),
+        }
+    }
+
     /// Point `name` at `object` with `version`, unless the name already
     /// holds an entry that wins over it ([`NameEntry::wins_over`]: higher
     /// version, then higher object id). Returns the entry the name holds

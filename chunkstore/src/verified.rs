@@ -41,6 +41,15 @@ impl VerifiedChunk {
         Ok(Self { id, data })
     }
 
+    /// A chunk made from bytes in hand: its id is their hash, so it is
+    /// verified by construction (one BLAKE3 pass).
+    pub fn hash(data: Bytes) -> Self {
+        Self {
+            id: ChunkId::of(&data),
+            data,
+        }
+    }
+
     /// The chunk's id.
     pub fn id(&self) -> &ChunkId {
         &self.id

@@ -130,7 +130,7 @@ pub(crate) fn run(args: ImageArgs) -> anyhow::Result<()> {
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-fn client() -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()?)
@@ -145,7 +145,7 @@ fn vm_url(api: &str, name: Option<&str>) -> String {
 }
 
 /// The JSON body, or the API's error message.
-async fn answer(r: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn answer(r: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     let status = r.status();
     let body: serde_json::Value = r
         .json()

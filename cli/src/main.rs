@@ -16,6 +16,7 @@ mod cluster;
 mod image_cmd;
 mod node_cmd;
 mod size;
+mod volume_cmd;
 
 /// Cairn: the data plane of an edge cloud.
 #[derive(Debug, Parser)]
@@ -43,6 +44,8 @@ enum Cmd {
     Fetch(node_cmd::FetchArgs),
     /// Ask a running node about images (--api URL).
     Image(image_cmd::ImageArgs),
+    /// Writable volumes on a running node, served over NBD (--api URL).
+    Volume(volume_cmd::VolumeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(args) => node_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
         Cmd::Fetch(args) => node_cmd::run_fetch(args).map(|()| ExitCode::SUCCESS),
         Cmd::Image(args) => image_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Volume(args) => volume_cmd::run(args).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -85,6 +85,9 @@ pub struct FileConfig {
     /// Pushing images on to other sites.
     #[serde(default)]
     pub replication: ReplicationSection,
+    /// `[nbd]`.
+    #[serde(default)]
+    pub nbd: NbdSection,
 }
 
 /// `[replication]`.
@@ -169,6 +172,16 @@ pub struct ListenSection {
     /// so a remote listener serves images in the clear to anyone who can
     /// reach it (default false).
     pub nbd_allow_remote: Option<bool>,
+}
+
+/// `[nbd]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdSection {
+    /// Fetch the rest of a partly local image in the background, at
+    /// background priority, once an export of it is opened (default false:
+    /// only what is read is fetched).
+    pub background_fill: Option<bool>,
 }
 
 /// `[store]`.
@@ -351,6 +364,8 @@ pub struct NodeConfig {
     pub nbd_listen: Option<SocketAddr>,
     /// Allow a non-loopback `nbd_listen` (no STARTTLS: traffic is clear).
     pub nbd_allow_remote: bool,
+    /// Complete partly local images in the background once exported.
+    pub nbd_background_fill: bool,
     /// Registry settings.
     pub registry: RegistrySection,
     /// Replication of pushes to other sites.
@@ -380,6 +395,7 @@ impl NodeConfig {
             api_listen: Some(addr(None, DEFAULT_API)),
             nbd_listen: Some(addr(None, DEFAULT_NBD)),
             nbd_allow_remote: false,
+            nbd_background_fill: false,
             registry: RegistrySection::default(),
             replication: ReplicationConfig::default(),
         }
@@ -435,6 +451,9 @@ impl NodeConfig {
         }
         if let Some(r) = f.listen.nbd_allow_remote {
             c.nbd_allow_remote = r;
+        }
+        if let Some(b) = f.nbd.background_fill {
+            c.nbd_background_fill = b;
         }
         if let Some(e) = &f.store.engine {
             c.store.engine = e

@@ -33,8 +33,10 @@ pub mod pullthrough;
 pub mod registry;
 pub mod replicate;
 pub mod tls_listener;
+pub mod trace;
 pub mod upstream_http;
 pub mod vm;
+pub mod volume;
 
 pub use config::{ConfigError, FileConfig, NodeConfig};
 
@@ -174,6 +176,7 @@ pub struct Node {
     nbd_addr: Option<SocketAddr>,
     nbd: Option<tokio::task::JoinHandle<()>>,
     nbd_stats: Arc<cairn_nbd::ServerStats>,
+    volumes: volume::Volumes,
     cfg: NodeConfig,
 }
 
@@ -299,16 +302,35 @@ impl Node {
         };
         let nbd_addr = nbd_l.as_ref().and_then(|l| l.local_addr().ok());
         let nbd_stats = Arc::new(cairn_nbd::ServerStats::default());
-        let vm_images = vm::VmImages::new(
+        let vm_sources: Vec<cairn_transport::PeerAddr> = cfg
+            .parents
+            .iter()
+            .chain(cfg.peers.iter())
+            .cloned()
+            .collect();
+        let nbd_metrics = vm::NbdMetrics::new(&registry, nbd_stats.clone())
+            .map_err(|e| NodeError::Config(format!("NBD metrics: {e}")))?;
+        let vm_images = if cfg.nbd_background_fill {
+            vm::VmImages::with_background_fill(
+                store.clone(),
+                Some(fetcher.clone()),
+                vm_sources,
+                nbd_metrics,
+                cancel.child_token(),
+            )
+        } else {
+            vm::VmImages::new(
+                store.clone(),
+                Some(fetcher.clone()),
+                vm_sources,
+                nbd_metrics,
+            )
+        };
+        let volumes = volume::Volumes::new(
             store.clone(),
-            Some(fetcher.clone()),
-            cfg.parents
-                .iter()
-                .chain(cfg.peers.iter())
-                .cloned()
-                .collect(),
-            vm::NbdMetrics::new(&registry, nbd_stats.clone())
-                .map_err(|e| NodeError::Config(format!("NBD metrics: {e}")))?,
+            vm_images.clone(),
+            volume::VolumeMetrics::new(&registry)
+                .map_err(|e| NodeError::Config(format!("volume metrics: {e}")))?,
         );
         let nbd = nbd_l.map(|l| {
             if cfg.nbd_allow_remote && nbd_addr.is_some_and(|a| !a.ip().is_loopback()) {
@@ -316,7 +338,7 @@ impl Node {
             }
             tokio::spawn(cairn_nbd::serve_with_stats(
                 l,
-                Arc::new(vm::ImageProvider::new(vm_images.clone())),
+                Arc::new(vm::ImageProvider::new(vm_images.clone()).with_volumes(volumes.clone())),
                 cancel.child_token(),
                 cairn_nbd::ServerLimits::default(),
                 nbd_stats.clone(),
@@ -400,7 +422,8 @@ impl Node {
                     .cloned()
                     .collect(),
             })
-            .merge(vm::routes(vm_images.clone()));
+            .merge(vm::routes(vm_images.clone()))
+            .merge(volume::routes(volumes.clone()));
             http.push(tokio::spawn(api::serve(
                 "api",
                 l,
@@ -435,6 +458,7 @@ impl Node {
             nbd_addr,
             nbd,
             nbd_stats,
+            volumes,
             cfg,
         })
     }
@@ -514,6 +538,8 @@ impl Node {
         if let Some(h) = self.nbd.take() {
             let _ = h.await;
         }
+        // Writes a client left unflushed are kept, as a clean shutdown should.
+        self.volumes.flush_all().await;
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }

@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use cairn_chunkstore::{ChunkId, ObjectHandle, ObjectId, PutOptions, Recipe, Store, StoreError};
-use cairn_nbd::{BoxFuture, Export, ExportError, ExportProvider, OpenError, ServerStats};
+use cairn_nbd::{BoxFuture, Export, ExportError, ExportProvider, Extent, OpenError, ServerStats};
 use cairn_transport::wire::{ObjectKey, Priority};
 use cairn_transport::{FetchError, Fetcher, PeerAddr};
 use futures_util::TryStreamExt as _;
@@ -79,7 +79,7 @@ pub enum VmError {
 }
 
 impl VmError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadName(_) | Self::Empty | Self::Body(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) | Self::Store(StoreError::NoSuchObject(_)) => StatusCode::NOT_FOUND,
@@ -90,13 +90,14 @@ impl VmError {
     }
 }
 
+/// The admin API's error answer: `{"error": MESSAGE}` with `status`.
+pub(crate) fn error_response(status: StatusCode, e: &dyn std::fmt::Display) -> Response {
+    (status, Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+}
+
 impl IntoResponse for VmError {
     fn into_response(self) -> Response {
-        (
-            self.status(),
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        error_response(self.status(), &self)
     }
 }
 
@@ -146,6 +147,8 @@ pub struct NbdMetrics {
     pub fetched_chunks: IntCounter,
     /// Reads that failed in the export (store or fetch errors).
     pub read_errors: IntCounter,
+    /// Bytes fetched by background fills.
+    pub fill_bytes: IntCounter,
 }
 
 impl NbdMetrics {
@@ -186,12 +189,17 @@ impl NbdMetrics {
                 "cairn_nbd_image_read_errors_total",
                 "NBD reads of image exports that failed.",
             )?,
+            fill_bytes: IntCounter::new(
+                "cairn_nbd_background_fill_bytes_total",
+                "Bytes of partly local images fetched in the background (nbd.background_fill).",
+            )?,
         };
         registry.register(Box::new(m.image_reads.clone()))?;
         registry.register(Box::new(m.fetch_stall.clone()))?;
         registry.register(Box::new(m.fetched_bytes.clone()))?;
         registry.register(Box::new(m.fetched_chunks.clone()))?;
         registry.register(Box::new(m.read_errors.clone()))?;
+        registry.register(Box::new(m.fill_bytes.clone()))?;
         registry.register(Box::new(StatsCollector::new(stats)?))?;
         Ok(m)
     }
@@ -366,6 +374,10 @@ struct Inner {
     /// Parents first, then peers.
     sources: Vec<PeerAddr>,
     metrics: NbdMetrics,
+    /// With background fill on: the node's token, which stops fills.
+    fill: Option<tokio_util::sync::CancellationToken>,
+    /// Objects being filled now.
+    filling: parking_lot::Mutex<std::collections::HashSet<ObjectId>>,
 }
 
 /// VM images in the node's store; cheap to clone.
@@ -391,14 +403,91 @@ impl VmImages {
         sources: Vec<PeerAddr>,
         metrics: NbdMetrics,
     ) -> Self {
+        Self::build(store, fetcher, sources, metrics, None)
+    }
+
+    /// Like [`VmImages::new`], and opening an export of a partly local
+    /// image also fetches the rest in the background (at background
+    /// priority, a batch at a time) until done or `cancel` fires.
+    pub fn with_background_fill(
+        store: Arc<Store>,
+        fetcher: Option<Fetcher>,
+        sources: Vec<PeerAddr>,
+        metrics: NbdMetrics,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Self::build(store, fetcher, sources, metrics, Some(cancel))
+    }
+
+    fn build(
+        store: Arc<Store>,
+        fetcher: Option<Fetcher>,
+        sources: Vec<PeerAddr>,
+        metrics: NbdMetrics,
+        fill: Option<tokio_util::sync::CancellationToken>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 fetcher,
                 sources,
                 metrics,
+                fill,
+                filling: Default::default(),
             }),
         }
+    }
+
+    /// Start fetching whatever of `object` is not here, in the background,
+    /// unless a fill of it runs already or fill is off.
+    fn start_fill(&self, name: &str, object: ObjectId) {
+        let (Some(cancel), Some(fetcher)) = (&self.inner.fill, &self.inner.fetcher) else {
+            return;
+        };
+        if self.inner.sources.is_empty() || !self.inner.filling.lock().insert(object) {
+            return;
+        }
+        let (cancel, fetcher, me, name) = (
+            cancel.clone(),
+            fetcher.clone(),
+            self.clone(),
+            name.to_owned(),
+        );
+        tokio::spawn(async move {
+            let r = tokio::select! {
+                () = cancel.cancelled() => Ok(0),
+                r = me.fill(&fetcher, object) => r,
+            };
+            me.inner.filling.lock().remove(&object);
+            match r {
+                Ok(0) => {}
+                Ok(bytes) => info!(image = %name, bytes, "background fill done"),
+                Err(e) => warn!(image = %name, error = %e, "background fill stopped"),
+            }
+        });
+    }
+
+    async fn fill(&self, fetcher: &Fetcher, object: ObjectId) -> Result<u64, VmError> {
+        /// Chunks asked for per round: small enough that demand reads
+        /// interleave, large enough to keep the link busy.
+        const BATCH: usize = 64;
+        let store = self.inner.store.clone();
+        let missing = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let recipe = store.recipe(&object)?;
+            store.missing_chunks(&recipe)
+        })
+        .await
+        .map_err(join_err)??;
+        let mut total = 0;
+        for batch in missing.chunks(BATCH) {
+            let want: Vec<(ChunkId, u32)> = batch.iter().map(|c| (c.id, c.len)).collect();
+            let report = fetcher
+                .fetch_chunks(&want, &self.inner.sources, Priority::Background)
+                .await?;
+            self.inner.metrics.fill_bytes.inc_by(report.bytes);
+            total += report.bytes;
+        }
+        Ok(total)
     }
 
     /// The metrics.
@@ -556,10 +645,13 @@ impl VmImages {
         if handle.is_empty() {
             return Err(VmError::Empty);
         }
+        let trace = crate::trace::TraceRecorder::new(handle.recipe().chunks().len());
+        self.start_fill(name, id);
         Ok(ImageExport {
             name: name.to_owned(),
             handle: Arc::new(handle),
             images: self.clone(),
+            trace,
         })
     }
 }
@@ -570,12 +662,22 @@ impl VmImages {
 #[derive(Debug, Clone)]
 pub struct ImageProvider {
     images: VmImages,
+    volumes: Option<crate::volume::Volumes>,
 }
 
 impl ImageProvider {
     /// Exports over these images.
     pub fn new(images: VmImages) -> Self {
-        Self { images }
+        Self {
+            images,
+            volumes: None,
+        }
+    }
+
+    /// Also export these volumes, as `volume/<NAME>` (read-write).
+    pub fn with_volumes(mut self, volumes: crate::volume::Volumes) -> Self {
+        self.volumes = Some(volumes);
+        self
     }
 }
 
@@ -583,7 +685,8 @@ impl ExportProvider for ImageProvider {
     fn list(&self) -> Vec<String> {
         // Called from the handshake; the name scan is a short RocksDB
         // iteration.
-        match self.images.inner.store.names() {
+        let store = &self.images.inner.store;
+        let mut out: Vec<String> = match store.names() {
             Ok(names) => names
                 .into_iter()
                 .filter_map(|(k, _)| {
@@ -595,11 +698,37 @@ impl ExportProvider for ImageProvider {
                 warn!(error = %e, "cannot list VM images for NBD");
                 Vec::new()
             }
+        };
+        if self.volumes.is_some() {
+            match store.pins() {
+                Ok(pins) => out.extend(pins.into_iter().filter_map(|(k, _)| {
+                    k.strip_prefix(crate::volume::VOLUME_PREFIX)
+                        .map(|n| format!("{}{n}", crate::volume::EXPORT_PREFIX))
+                })),
+                Err(e) => warn!(error = %e, "cannot list volumes for NBD"),
+            }
         }
+        out
     }
 
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Arc<dyn Export>, OpenError>> {
         Box::pin(async move {
+            if let (Some(vol), Some(volumes)) = (
+                name.strip_prefix(crate::volume::EXPORT_PREFIX),
+                &self.volumes,
+            ) {
+                use crate::volume::VolumeError;
+                return match volumes.open(vol).await {
+                    Ok(v) => Ok(v as Arc<dyn Export>),
+                    Err(VolumeError::NotFound(_) | VolumeError::BadName(_)) => {
+                        Err(OpenError::Unknown)
+                    }
+                    Err(e) => {
+                        warn!(export = name, error = %e, "cannot open NBD export");
+                        Err(OpenError::Unavailable(e.to_string()))
+                    }
+                };
+            }
             let Some(image) = name.strip_prefix(EXPORT_PREFIX) else {
                 return Err(OpenError::Unknown);
             };
@@ -621,6 +750,30 @@ struct ImageExport {
     name: String,
     handle: Arc<ObjectHandle>,
     images: VmImages,
+    trace: crate::trace::TraceRecorder,
+}
+
+impl Drop for ImageExport {
+    /// Store the connection's access trace with the object.
+    fn drop(&mut self) {
+        let entries = self.trace.entries();
+        if entries.is_empty() {
+            return;
+        }
+        let store = self.images.inner.store.clone();
+        let object = self.handle.id();
+        let save = move || {
+            if let Err(e) = crate::trace::save(&store, &object, &entries) {
+                warn!(object = %object.fmt_short(), error = %e, "cannot store the access trace");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(save);
+            }
+            Err(_) => save(),
+        }
+    }
 }
 
 /// The distinct chunks overlapping `[offset, offset + len)`.
@@ -663,32 +816,105 @@ async fn read_blocking(h: &Arc<ObjectHandle>, offset: u64, buf: &mut [u8]) -> Re
     Ok(())
 }
 
-impl ImageExport {
-    async fn read_inner(&self, offset: u64, buf: &mut [u8]) -> Result<(), VmError> {
-        let inner = &self.images.inner;
+/// Whether chunk `id` of `len` bytes is all zeroes. The ids of zero runs
+/// are computed once per length (a zero run is a handful of lengths: the
+/// chunker's maximum, a volume's block size, a tail), up to a bound; beyond
+/// it the answer is a conservative "no".
+fn is_zero_chunk(id: &ChunkId, len: u32) -> bool {
+    static ZERO_IDS: std::sync::OnceLock<
+        parking_lot::Mutex<std::collections::HashMap<u32, ChunkId>>,
+    > = std::sync::OnceLock::new();
+    const MAX_LENGTHS: usize = 256;
+    const MAX_LEN: u32 = 4 << 20;
+    if len == 0 || len > MAX_LEN {
+        return false;
+    }
+    let map = ZERO_IDS.get_or_init(Default::default);
+    if let Some(z) = map.lock().get(&len) {
+        return z == id;
+    }
+    if map.lock().len() >= MAX_LENGTHS {
+        return false;
+    }
+    let z = ChunkId::of(&vec![0u8; len as usize]);
+    map.lock().insert(len, z);
+    z == *id
+}
+
+/// `base:allocation` extents of `recipe` over `[offset, offset + len)`:
+/// chunks that are all zeroes are holes (they take no space: one chunk
+/// serves every such run), the rest data; a range for which `dirty` says
+/// true (unflushed writes of a volume) is data.
+pub(crate) fn extents(
+    recipe: &Recipe,
+    offset: u64,
+    len: u32,
+    dirty: impl Fn(u64, u64) -> bool,
+) -> Vec<Extent> {
+    let end = offset
+        .saturating_add(u64::from(len))
+        .min(recipe.total_len());
+    let chunks = recipe.chunks();
+    let mut out = Vec::new();
+    let Some(mut i) = recipe.chunk_at(offset) else {
+        return vec![Extent::data(len)];
+    };
+    let mut pos = offset;
+    while pos < end {
+        let Some(c) = chunks.get(i) else { break };
+        let ce = (c.offset + u64::from(c.len)).min(end);
+        let n = (ce - pos) as u32;
+        if !dirty(pos, ce) && is_zero_chunk(&c.id, c.len) {
+            out.push(Extent::hole(n));
+        } else {
+            out.push(Extent::data(n));
+        }
+        pos = ce;
+        i += 1;
+        // Enough for one reply; the client asks again from where it ends.
+        if out.len() >= 4096 {
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push(Extent::data(len));
+    }
+    out
+}
+
+impl VmImages {
+    /// Read `buf.len()` bytes of `handle`'s object at `offset`; chunks that
+    /// are not here are fetched on demand from the parents and peers
+    /// (coalesced and verified by the fetcher), counted against `label`.
+    /// Returns whether the read had to wait for a fetch.
+    pub(crate) async fn read_object(
+        &self,
+        label: &str,
+        handle: &Arc<ObjectHandle>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, VmError> {
+        let inner = &self.inner;
         let mut fetched = false;
         // A chunk can go missing again between the fetch and the read
         // (quarantined, evicted); a few rounds settle it.
         for _ in 0..3 {
-            match read_blocking(&self.handle, offset, buf).await {
-                Ok(()) => {
-                    let source = if fetched { "fetched" } else { "local" };
-                    inner.metrics.image_reads.with_label_values(&[source]).inc();
-                    return Ok(());
-                }
+            match read_blocking(handle, offset, buf).await {
+                Ok(()) => return Ok(fetched),
                 Err(VmError::Store(StoreError::ChunkMissing(_) | StoreError::Corrupt { .. })) => {
                     let Some(fetcher) = &inner.fetcher else {
-                        return Err(VmError::Store(StoreError::ChunkMissing(
-                            self.missing_id(offset, buf.len() as u64),
-                        )));
+                        return Err(VmError::Store(StoreError::ChunkMissing(missing_id(
+                            handle,
+                            offset,
+                            buf.len() as u64,
+                        ))));
                     };
                     if inner.sources.is_empty() {
                         return Err(VmError::NotFound(format!(
-                            "chunks of image {} (no parents or peers to fetch them from)",
-                            self.name
+                            "chunks of {label} (no parents or peers to fetch them from)"
                         )));
                     }
-                    let want = overlapping(self.handle.recipe(), offset, buf.len() as u64);
+                    let want = overlapping(handle.recipe(), offset, buf.len() as u64);
                     let t = Instant::now();
                     let report = fetcher
                         .fetch_chunks(&want, &inner.sources, Priority::Demand)
@@ -697,29 +923,47 @@ impl ImageExport {
                     inner
                         .metrics
                         .fetched_bytes
-                        .with_label_values(&[&self.name])
+                        .with_label_values(&[label])
                         .inc_by(report.bytes);
                     inner
                         .metrics
                         .fetched_chunks
                         .inc_by(report.fetched + report.coalesced);
-                    debug!(export = %self.name, offset, len = buf.len(), fetched = report.fetched, coalesced = report.coalesced, "demand fetch");
+                    debug!(export = %label, offset, len = buf.len(), fetched = report.fetched, coalesced = report.coalesced, "demand fetch");
                     fetched = true;
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(VmError::Internal(format!(
-            "chunks at offset {offset} of image {} kept going missing",
-            self.name
+            "chunks at offset {offset} of {label} kept going missing"
         )))
     }
+}
 
-    fn missing_id(&self, offset: u64, len: u64) -> ChunkId {
-        overlapping(self.handle.recipe(), offset, len)
-            .first()
-            .map(|c| c.0)
-            .unwrap_or(ChunkId::EMPTY)
+fn missing_id(handle: &ObjectHandle, offset: u64, len: u64) -> ChunkId {
+    overlapping(handle.recipe(), offset, len)
+        .first()
+        .map(|c| c.0)
+        .unwrap_or(ChunkId::EMPTY)
+}
+
+impl ImageExport {
+    async fn read_inner(&self, offset: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.trace
+            .record(self.handle.recipe(), offset, buf.len() as u64);
+        let fetched = self
+            .images
+            .read_object(&self.name, &self.handle, offset, buf)
+            .await?;
+        let source = if fetched { "fetched" } else { "local" };
+        self.images
+            .inner
+            .metrics
+            .image_reads
+            .with_label_values(&[source])
+            .inc();
+        Ok(())
     }
 }
 
@@ -743,6 +987,14 @@ impl Export for ImageExport {
             self.name,
             self.handle.id().fmt_short()
         ))
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> BoxFuture<'_, Result<Vec<Extent>, ExportError>> {
+        Box::pin(async move { Ok(extents(self.handle.recipe(), offset, len, |_, _| false)) })
     }
 
     fn read<'a>(
@@ -770,12 +1022,39 @@ pub fn routes(images: VmImages) -> Router {
             "/api/v1/vm-images/{name}",
             put(put_handler).delete(delete_handler),
         )
+        .route("/api/v1/vm-images/{name}/traces", get(traces_handler))
         .with_state(images)
 }
 
 async fn list_handler(State(v): State<VmImages>) -> Result<Response, VmError> {
     let images = v.list().await?;
     Ok(Json(serde_json::json!({ "images": images })).into_response())
+}
+
+/// The stored access traces of an image (its current object), oldest
+/// first: `{"object", "chunks", "traces": [[{"chunk", "ms"}, ...], ...]}`.
+async fn traces_handler(
+    State(v): State<VmImages>,
+    Path(name): Path<String>,
+) -> Result<Response, VmError> {
+    validate_name(&name)?;
+    let store = v.inner.store.clone();
+    let key = store_name(&name);
+    let (object, chunks, traces) = tokio::task::spawn_blocking(move || {
+        let object = match store.resolve(&key) {
+            Ok(id) => id,
+            Err(StoreError::NoSuchObject(_)) => return Err(VmError::NotFound(name)),
+            Err(e) => return Err(e.into()),
+        };
+        let chunks = store.recipe(&object)?.chunks().len();
+        Ok((object, chunks, crate::trace::load(&store, &object)?))
+    })
+    .await
+    .map_err(join_err)??;
+    Ok(
+        Json(serde_json::json!({ "object": object, "chunks": chunks, "traces": traces }))
+            .into_response(),
+    )
 }
 
 async fn delete_handler(

@@ -9,132 +9,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::process::Output;
 use std::time::Duration;
 
 use cairn_node::chunkstore::ChunkId;
 use cairn_node::Node;
-use rand::{Rng, RngCore, SeedableRng};
 
 mod common;
 
+use common::nbd::*;
 use common::*;
 
 const IMAGE_LEN: usize = 64 << 20;
-
-/// Deterministic, pseudo-random but compressible: runs of zeroes, of random
-/// bytes and of text-like bytes from a small alphabet.
-fn disk_image(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = Vec::with_capacity(len);
-    const ALPHABET: &[u8] = b"abcdefghijklmnop \n";
-    while v.len() < len {
-        let n = rng.gen_range(4096..(1usize << 20)).min(len - v.len());
-        match rng.gen_range(0..4) {
-            0 => v.resize(v.len() + n, 0),
-            1 => {
-                let start = v.len();
-                v.resize(start + n, 0);
-                rng.fill_bytes(&mut v[start..]);
-            }
-            _ => v.extend((0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])),
-        }
-    }
-    v
-}
-
-fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("CAIRN_REQUIRE_CLIENTS").as_deref() == Ok("1") {
-            panic!("{bin} is not on PATH and CAIRN_REQUIRE_CLIENTS=1 (apt-get install -y libnbd-bin qemu-utils)");
-        }
-        eprintln!("SKIP: {bin} is not on PATH (apt-get install -y libnbd-bin qemu-utils)");
-    }
-    found
-}
-
-async fn run(bin: &str, args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(bin)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(180), child)
-        .await
-        .unwrap_or_else(|_| panic!("{bin} {args:?} timed out"))
-        .unwrap_or_else(|e| panic!("{bin} failed to start: {e}"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-async fn run_ok(bin: &str, args: &[&str]) -> String {
-    let o = run(bin, args).await;
-    assert!(o.status.success(), "{bin} {args:?} failed:\n{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn uri(n: &Node, export: &str) -> String {
-    format!("nbd://127.0.0.1:{}/{export}", n.nbd_addr().unwrap().port())
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
-}
-
-async fn import(n: &Node, name: &str, data: &[u8]) -> serde_json::Value {
-    let r = http()
-        .put(format!(
-            "http://{}/api/v1/vm-images/{name}",
-            n.api_addr().unwrap()
-        ))
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
-
-async fn list(n: &Node) -> Vec<serde_json::Value> {
-    let r = http()
-        .get(format!("http://{}/api/v1/vm-images", n.api_addr().unwrap()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
-    v["images"].as_array().unwrap().clone()
-}
-
-async fn metrics(n: &Node) -> String {
-    http()
-        .get(format!("http://{}/metrics", n.api_addr().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one exposition line, e.g. `cairn_nbd_image_reads_total{source="local"}`.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_is_imported_and_served_to_real_clients() {
@@ -376,6 +261,118 @@ async fn edge_serves_a_core_image_lazily_fetching_only_what_is_read() {
     let l = list(&edge).await;
     assert_eq!(l[0]["state"], "complete");
 
+    edge.shutdown().await;
+    core.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_fill_completes_an_edge_image_and_traces_are_kept() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let c = Cluster::new();
+    let core = c.node("core", vec![]).await;
+    let edge = c
+        .node_with("edge", vec![peer(&core)], |cfg| {
+            cfg.nbd_background_fill = true
+        })
+        .await;
+    let src = disk_image(16 << 20, 21);
+    import(&core, "base", &src).await;
+
+    // Opening the export at the edge starts the fill; nothing reads it.
+    let size = run_ok("nbdinfo", &["--size", &uri(&edge, "image/base")]).await;
+    assert_eq!(size.trim(), (16u64 << 20).to_string());
+    let t = std::time::Instant::now();
+    loop {
+        let l = list(&edge).await;
+        if l[0]["state"] == "complete" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "fill never completed: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = metrics(&edge).await;
+    assert!(
+        metric(&m, "cairn_nbd_background_fill_bytes_total") > 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "cairn_nbd_image_reads_total{source=\"fetched\"}"),
+        0.0
+    );
+    let out = c.dir.path().join("filled.raw");
+    run_ok(
+        "nbdcopy",
+        &[&uri(&edge, "image/base"), out.to_str().unwrap()],
+    )
+    .await;
+    assert!(std::fs::read(&out).unwrap() == src, "filled image differs");
+
+    // An access trace: first touches in the order qemu-io read them.
+    let id = core.store().resolve("vmimage/base").unwrap();
+    let recipe = core.store().recipe(&id).unwrap();
+    let offs = [8u64 << 20, 0, 4 << 20];
+    let mut args = vec!["-r", "-f", "raw"];
+    let cmds: Vec<String> = offs.iter().map(|o| format!("read {o} 4k")).collect();
+    for cmd in &cmds {
+        args.extend(["-c", cmd.as_str()]);
+    }
+    let u = uri(&core, "image/base");
+    args.push(&u);
+    run_ok("qemu-io", &args).await;
+    let url = format!(
+        "http://{}/api/v1/vm-images/base/traces",
+        core.api_addr().unwrap()
+    );
+    let t = std::time::Instant::now();
+    let traces = loop {
+        let v: serde_json::Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        if !v["traces"].as_array().unwrap().is_empty() {
+            break v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no trace stored: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(traces["object"], id.to_string());
+    let order: Vec<u64> = traces["traces"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["chunk"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = offs
+        .iter()
+        .map(|o| recipe.chunk_at(*o).unwrap() as u64)
+        .collect();
+    let pos: Vec<usize> = want
+        .iter()
+        .map(|w| {
+            order
+                .iter()
+                .position(|x| x == w)
+                .unwrap_or_else(|| panic!("chunk {w} not in trace {order:?}"))
+        })
+        .collect();
+    assert!(
+        pos[0] < pos[1] && pos[1] < pos[2],
+        "trace {order:?}, want {want:?} in order"
+    );
+    let r = http()
+        .get(format!(
+            "http://{}/api/v1/vm-images/nope/traces",
+            core.api_addr().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     edge.shutdown().await;
     core.shutdown().await;
 }

@@ -379,7 +379,16 @@ where
         block_status = proto.allocation_context().is_some(),
         "NBD transmission started"
     );
-    transmission(proto, reader, writer, export, cancel, limits, stats).await
+    let keep = export.clone();
+    let res = transmission(proto, reader, writer, export, cancel, limits, stats).await;
+    // However the connection ended, persist what it wrote, as a disk does
+    // when its last user closes it (a client may disconnect without FLUSH).
+    if !keep.read_only() {
+        if let Err(e) = keep.flush().await {
+            warn!(error = %e, "flush after the NBD connection closed failed");
+        }
+    }
+    res
 }
 
 async fn send_output<W: AsyncWrite + Unpin>(
