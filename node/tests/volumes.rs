@@ -175,6 +175,38 @@ async fn volume_api_refuses_bad_input_and_qemu_io_round_trips() {
         ],
     )
     .await;
+    // Multi-conn: a connection opened before another connection's write
+    // and flush reads that write.
+    let u = uri(&node, "volume/v");
+    let early = tokio::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "sleep 3000",
+            "-c",
+            "read -P 0x44 8M 64k",
+            &u,
+        ])
+        .kill_on_drop(true)
+        .output();
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        qemu_io(
+            &node,
+            "volume/v",
+            &[format!("write -P 0x44 {} 64k", 8 * MIB), "flush".into()],
+        )
+        .await
+    };
+    let (o, _) = tokio::join!(early, late);
+    let o = o.unwrap();
+    assert!(
+        o.status.success() && !text(&o).contains("Pattern verification failed"),
+        "the first connection did not see the second's write:\n{}",
+        text(&o)
+    );
+    fill(&mut want, 8 * MIB, 65536, 0x44);
     if have("nbdcopy") {
         let got = copy_out(&node, "volume/v", &c.dir.path().join("v.raw")).await;
         assert!(got == want, "volume bytes differ from what was written");
@@ -185,7 +217,7 @@ async fn volume_api_refuses_bad_input_and_qemu_io_round_trips() {
     assert!(map.contains("data"), "{map}");
     let last = map.lines().last().unwrap();
     assert!(
-        last.contains(&(4 * MIB).to_string()) && last.contains("hole"),
+        last.contains(&(8 * MIB + 65536).to_string()) && last.contains("hole"),
         "{map}"
     );
 
