@@ -15,7 +15,9 @@
 //!    and psync engines, verification on, the verified chunk cache sized to
 //!    hold the object; as context: the cache off, at its default size, and
 //!    verification off) against `pread` on a plain file of the same bytes,
-//!    1 and 2 threads, cold (first touch after open) and warm. Target:
+//!    1 and 2 threads, three passes: device-cold (plain file and store files
+//!    evicted from the page cache, fresh open), cache-cold, page-cache-warm
+//!    (fresh open, files in the page cache) and warm. Target:
 //!    Cairn / pread IOPS >= 0.5 with verification on.
 //! C. Dedup: a tar of ~300 MiB of /usr/lib files (v1), 5% of the files
 //!    modified in place (v2); the new bytes of v2's put against the bytes
@@ -53,6 +55,15 @@ const READ_LEN: usize = 4096;
 const SEED_RANDOM_INPUT: u64 = 0x00C0_FFEE;
 const SEED_COLD: u64 = 0xC01D;
 const SEED_WARM: u64 = 0x3A23;
+const SEED_DEVICE_COLD: u64 = 0xD15C;
+/// Pass labels. Device-cold: the files a pass reads (the plain file; the
+/// store's segment and index files) were just evicted from the page cache,
+/// and Cairn's store was just opened (chunk cache empty). Cache-cold: Cairn's
+/// store was just opened, but the files are in the page cache (as the plain
+/// file is for its pread pass). Warm: a second batch on the same open store.
+const PASS_DEVICE_COLD: &str = "device-cold";
+const PASS_CACHE_COLD: &str = "cache-cold, page-cache-warm";
+const PASS_WARM: &str = "warm";
 const SEED_DEDUP: u64 = 0xDED0;
 /// Reads per config compared byte for byte against the plain file, untimed.
 const CHECK_READS: usize = 512;
@@ -350,6 +361,125 @@ fn section_ingest(opts: &Opts, work: &Path) -> Result<(Vec<IngestInput>, PathBuf
 // B. Random reads
 // ---------------------------------------------------------------------------
 
+// Page-cache eviction, for the device-cold passes.
+
+extern "C" {
+    // From the C library std already links.
+    fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
+}
+
+/// `POSIX_FADV_DONTNEED` on Linux.
+const POSIX_FADV_DONTNEED: i32 = 4;
+
+/// Every regular file under each of `roots` (a file or a directory, walked).
+fn files_under(roots: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo: Vec<PathBuf> = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        let md = fs::symlink_metadata(&p).with_context(|| format!("stat {}", p.display()))?;
+        if md.is_dir() {
+            for e in fs::read_dir(&p).with_context(|| format!("list {}", p.display()))? {
+                todo.push(e?.path());
+            }
+        } else if md.is_file() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Bytes of `files` resident in the page cache, from util-linux `fincore`
+/// (mincore(2) underneath). `None` if `fincore` is missing or fails.
+fn resident_bytes(files: &[PathBuf]) -> Option<u64> {
+    if files.is_empty() {
+        return Some(0);
+    }
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .args(files)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// How one eviction went.
+#[derive(Debug, Clone, Serialize)]
+struct Eviction {
+    /// Which pass it prepared.
+    config: String,
+    threads: usize,
+    files: usize,
+    bytes: u64,
+    /// Page-cache-resident bytes of those files before and after (`fincore`).
+    resident_before: Option<u64>,
+    resident_after: Option<u64>,
+    /// `fadvise` (fsync + POSIX_FADV_DONTNEED per file) or
+    /// `fadvise + drop_caches` (when pages stayed behind and
+    /// /proc/sys/vm/drop_caches was writable).
+    method: String,
+}
+
+/// Push `files` out of the page cache: fsync each (so no page is dirty),
+/// then `posix_fadvise(POSIX_FADV_DONTNEED)` on it. If more than 1% of the
+/// bytes stay resident, fall back to `echo 1 > /proc/sys/vm/drop_caches`
+/// (root only). Fails if the pages cannot be made to leave.
+fn evict(config: &str, threads: usize, files: &[PathBuf]) -> Result<Eviction> {
+    use std::os::fd::AsRawFd as _;
+    let bytes: u64 = files
+        .iter()
+        .map(|f| fs::metadata(f).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let resident_before = resident_bytes(files);
+    for f in files {
+        let file = File::open(f).with_context(|| format!("open {}", f.display()))?;
+        file.sync_all()
+            .with_context(|| format!("fsync {}", f.display()))?;
+        // SAFETY: a plain syscall on a descriptor `file` keeps open.
+        let rc = unsafe { posix_fadvise(file.as_raw_fd(), 0, 0, POSIX_FADV_DONTNEED) };
+        ensure!(rc == 0, "posix_fadvise({}) failed: error {rc}", f.display());
+    }
+    let mut method = "fadvise".to_string();
+    let mut resident_after = resident_bytes(files);
+    if resident_after.is_some_and(|r| r > bytes / 100) {
+        let _ = Command::new("sync").status();
+        if fs::write("/proc/sys/vm/drop_caches", "1").is_ok() {
+            method = "fadvise + drop_caches".into();
+            resident_after = resident_bytes(files);
+        }
+    }
+    if let Some(r) = resident_after {
+        ensure!(
+            r <= bytes / 100,
+            "{config}: {r} of {bytes} bytes still in the page cache after eviction"
+        );
+    }
+    Ok(Eviction {
+        config: config.to_string(),
+        threads,
+        files: files.len(),
+        bytes,
+        resident_before,
+        resident_after,
+        method,
+    })
+}
+
+/// Read every file under `roots` once, so it is in the page cache.
+fn warm_page_cache(roots: &[PathBuf]) -> Result<u64> {
+    let mut n = 0;
+    for f in files_under(roots)? {
+        n += read_fully(&f)?;
+    }
+    Ok(n)
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct ReadRow {
     config: String,
@@ -363,6 +493,9 @@ struct ReadRow {
     /// Chunk lookups in this pass that hit / missed the chunk cache.
     cache_hits: Option<u64>,
     cache_misses: Option<u64>,
+    /// `Store::open_object` on the freshly opened store before the pass, ms
+    /// (untimed by the pass; device-cold: after the eviction).
+    open_ms: Option<f64>,
     ratio_vs_pread: Option<f64>,
     meets_target: Option<bool>,
 }
@@ -381,11 +514,23 @@ struct ReadsResult {
     fixed_geometry: ReadGeometry,
     /// BLAKE3 of one 4 KiB buffer in memory, ns (median of 5 batches).
     blake3_4k_ns: f64,
+    /// Average chunk length of the CDC object, bytes.
+    avg_chunk_bytes: u64,
+    /// BLAKE3 of one average-sized chunk in memory, ns (median of 5 batches).
+    chunk_hash_ns: f64,
+    /// pread of one average-sized chunk from the page-cached plain file into
+    /// a reused buffer, ns (median of 5 batches).
+    chunk_read_ns: f64,
+    /// Allocating and filling one average-sized chunk buffer that is kept
+    /// (fresh pages faulted in), ns.
+    chunk_fresh_mem_ns: f64,
     /// Chunk cache of the judged rows.
     chunk_cache_bytes: u64,
     /// `StoreConfig::default().chunk_cache_bytes`.
     default_chunk_cache_bytes: u64,
     rows: Vec<ReadRow>,
+    /// Page-cache evictions before the device-cold passes.
+    evictions: Vec<Eviction>,
     notes: Vec<String>,
 }
 
@@ -442,6 +587,9 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
     read_fully(plain_path)?;
     let cold = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_COLD);
     let warm = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_WARM);
+    let dev_cold = aligned_offsets(len, READ_LEN as u64, opts.reads, SEED_DEVICE_COLD);
+    let store_files = [store_dir.join("segments"), store_dir.join("index")];
+    let mut evictions = Vec::new();
     let plain = File::open(plain_path)?;
     // The per-group verification cost floor, in memory.
     let group = cairn_bench::random_bytes(READ_LEN, 4);
@@ -456,6 +604,51 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
         })
         .collect();
     let blake3_4k_ns = median(&per_batch);
+    // The first-touch floor: a chunk's first read must read it whole and
+    // hash it whole. Both measured on an average-sized chunk: BLAKE3 in
+    // memory, and a pread of that many bytes from the page-cached plain file
+    // into a reused buffer.
+    let avg_chunk = (len / chunks.max(1)).max(1) as usize;
+    let chunk_buf = cairn_bench::random_bytes(avg_chunk, 5);
+    let chunk_hash_ns = median(
+        &(0..5)
+            .map(|_| {
+                let (d, ()) = time(|| {
+                    for _ in 0..2_000 {
+                        std::hint::black_box(blake3::hash(std::hint::black_box(&chunk_buf)));
+                    }
+                });
+                d.as_nanos() as f64 / 2_000.0
+            })
+            .collect::<Vec<_>>(),
+    );
+    let mut read_buf = vec![0u8; avg_chunk];
+    let chunk_offs = aligned_offsets(len - avg_chunk as u64, 4096, 2_000, 7);
+    let mut chunk_read = Vec::new();
+    for _ in 0..5 {
+        let (d, r) = time(|| -> Result<()> {
+            for &o in &chunk_offs {
+                plain.read_exact_at(&mut read_buf, o)?;
+            }
+            Ok(())
+        });
+        r?;
+        chunk_read.push(d.as_nanos() as f64 / chunk_offs.len() as f64);
+    }
+    let chunk_read_ns = median(&chunk_read);
+    // What the chunk cache's copy of a first-touched chunk costs in fresh
+    // memory: allocate and fill 2000 chunk-sized buffers, all kept (as the
+    // cache keeps them), so each one's pages are faulted in and zeroed by
+    // the kernel. Context for the bound; on a VM it varies with how much of
+    // the guest's free memory the host has backed.
+    let (d, kept) = time(|| {
+        (0..2_000)
+            .map(|i| vec![i as u8 | 1; avg_chunk])
+            .collect::<Vec<_>>()
+    });
+    std::hint::black_box(&kept);
+    drop(kept);
+    let chunk_fresh_mem_ns = d.as_nanos() as f64 / 2_000.0;
 
     let mut notes = Vec::new();
     let uring_ok = match Store::open(&store_dir, store_cfg(EngineKind::Uring, true, 0)) {
@@ -548,9 +741,20 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
     for threads in [1usize, 2] {
         progress(format!("reads: pread, {threads} thread(s)"));
         let pread = |o: u64, b: &mut [u8]| plain.read_exact_at(b, o).map_err(anyhow::Error::from);
+        evictions.push(evict(
+            "pread (plain file)",
+            threads,
+            &[plain_path.to_path_buf()],
+        )?);
+        let base_dev = run_reads(&dev_cold, READ_LEN, threads, pread)?;
+        read_fully(plain_path)?;
         let base_cold = run_reads(&cold, READ_LEN, threads, pread)?;
         let base_warm = run_reads(&warm, READ_LEN, threads, pread)?;
-        for (pass, s) in [("cold", base_cold), ("warm", base_warm)] {
+        for (pass, s) in [
+            (PASS_DEVICE_COLD, base_dev),
+            (PASS_CACHE_COLD, base_cold),
+            (PASS_WARM, base_warm),
+        ] {
             rows.push(ReadRow {
                 config: "pread (plain file)".into(),
                 engine: "pread".into(),
@@ -561,6 +765,7 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 summary: s,
                 cache_hits: None,
                 cache_misses: None,
+                open_ms: None,
                 ratio_vs_pread: None,
                 meets_target: None,
             });
@@ -570,14 +775,35 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 continue;
             }
             progress(format!("reads: {}, {threads} thread(s)", c.label));
+            let cfg = store_cfg(c.engine, c.verify, c.chunk_cache_bytes);
+            let obj = if c.fixed { &fixed_object } else { &object };
+            // Device-cold (judged configs only, to bound the run time): a
+            // fresh open, then the store's files leave the page cache.
+            let dev = if c.judged {
+                let store =
+                    Store::open(&store_dir, cfg.clone()).with_context(|| c.label.clone())?;
+                evictions.push(evict(&c.label, threads, &files_under(&store_files)?)?);
+                let t = Instant::now();
+                let h = store.open_object(obj)?;
+                let open_ms = t.elapsed().as_secs_f64() * 1e3;
+                let read = |o: u64, b: &mut [u8]| h.read_at(o, b).map_err(anyhow::Error::from);
+                let m = store.metrics();
+                let l0 = (m.chunk_cache_hits.get(), m.chunk_cache_misses.get());
+                let s = run_reads(&dev_cold, READ_LEN, threads, read)?;
+                let l1 = (m.chunk_cache_hits.get(), m.chunk_cache_misses.get());
+                Some((s, l0, l1, open_ms))
+            } else {
+                None
+            };
+            // The cache-cold pass reads segments from the page cache, as
+            // pread reads the plain file.
+            warm_page_cache(&store_files)?;
             // Fresh open: empty chunk, outboard and metadata caches.
-            let store = Store::open(
-                &store_dir,
-                store_cfg(c.engine, c.verify, c.chunk_cache_bytes),
-            )
-            .with_context(|| c.label.clone())?;
+            let store = Store::open(&store_dir, cfg).with_context(|| c.label.clone())?;
             let engine = store.engine_name().to_string();
-            let h = store.open_object(if c.fixed { &fixed_object } else { &object })?;
+            let t = Instant::now();
+            let h = store.open_object(obj)?;
+            let open_ms = t.elapsed().as_secs_f64() * 1e3;
             ensure!(
                 h.len() == len,
                 "stored object is {} bytes, expected {len}",
@@ -603,10 +829,13 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                 );
             }
             let cached = c.verify && c.chunk_cache_bytes > 0;
-            for (pass, s, base, (a, b)) in [
-                ("cold", s_cold, base_cold, (l0, l1)),
-                ("warm", s_warm, base_warm, (l1, l2)),
-            ] {
+            let mut passes = Vec::new();
+            if let Some((s, a, b, ms)) = dev {
+                passes.push((PASS_DEVICE_COLD, s, base_dev, (a, b), Some(ms)));
+            }
+            passes.push((PASS_CACHE_COLD, s_cold, base_cold, (l0, l1), Some(open_ms)));
+            passes.push((PASS_WARM, s_warm, base_warm, (l1, l2), None));
+            for (pass, s, base, (a, b), open_ms) in passes {
                 let ratio = s.iops / base.iops;
                 rows.push(ReadRow {
                     config: c.label.clone(),
@@ -618,6 +847,7 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
                     summary: s,
                     cache_hits: cached.then_some(b.0 - a.0),
                     cache_misses: cached.then_some(b.1 - a.1),
+                    open_ms,
                     ratio_vs_pread: Some(ratio),
                     meets_target: c.judged.then_some(ratio >= READ_TARGET),
                 });
@@ -635,9 +865,14 @@ fn section_reads(opts: &Opts, work: &Path, plain_path: &Path) -> Result<ReadsRes
         fixed_chunk_len: FIXED_CHUNK,
         fixed_geometry,
         blake3_4k_ns,
+        avg_chunk_bytes: avg_chunk as u64,
+        chunk_hash_ns,
+        chunk_read_ns,
+        chunk_fresh_mem_ns,
         chunk_cache_bytes: holds,
         default_chunk_cache_bytes: default_cache,
         rows,
+        evictions,
         notes,
     })
 }
@@ -823,6 +1058,79 @@ struct Report<'a> {
     loadavg_end: String,
 }
 
+/// The best ratio a cache-cold pass can reach on this machine when every
+/// chunk's first read must read and hash the whole chunk: the pass's hits at
+/// the warm pass's per-read cost, plus its misses at (read one chunk + hash
+/// one chunk), both measured on this machine; against the pread pass's time.
+fn render_first_touch_bound(s: &mut String, rd: &ReadsResult) {
+    let floor_ns = rd.chunk_read_ns + rd.chunk_hash_ns;
+    let _ = writeln!(
+        s,
+        "\n**The {PASS_CACHE_COLD} bound.** Verification needs a chunk's whole bytes the first time it is read (its id is the BLAKE3 of all of it; \
+         outboards are built from verified bytes and live in memory only). So a first touch costs at least one read of the chunk from the page cache \
+         plus one BLAKE3 pass over it. Measured here on an average chunk of {} B: BLAKE3 {:.1} µs ({:.2} GB/s), pread into a reused buffer {:.1} µs, \
+         so ≥ {:.1} µs per first touch, against pread's ≈ 1 µs per 4 KiB read. Best achievable ratio = pread pass time / (hits × warm per-read time + misses × {:.1} µs) \
+         (2 threads: divided by 2, assuming perfect scaling). Not in that floor: the chunk cache keeps each first-touched chunk in memory the process has not touched before, \
+         and faulting in fresh memory measured {:.1} µs per chunk-sized buffer here (kernel page zeroing; on this VM it varies a lot from run to run); \
+         the last but one column adds that per miss.\n",
+        rd.avg_chunk_bytes,
+        rd.chunk_hash_ns / 1e3,
+        rd.avg_chunk_bytes as f64 / rd.chunk_hash_ns,
+        rd.chunk_read_ns / 1e3,
+        floor_ns / 1e3,
+        floor_ns / 1e3,
+        rd.chunk_fresh_mem_ns / 1e3,
+    );
+    let mut t = MdTable::new(&[
+        "config",
+        "threads",
+        "hits / misses",
+        "warm per-read µs",
+        "floor time s",
+        "pread time s",
+        "best ratio",
+        "best ratio incl. fresh memory",
+        "measured ratio",
+    ]);
+    for row in rd
+        .rows
+        .iter()
+        .filter(|r| r.pass == PASS_CACHE_COLD && r.meets_target.is_some())
+    {
+        let (Some(h), Some(m)) = (row.cache_hits, row.cache_misses) else {
+            continue;
+        };
+        let warm = rd
+            .rows
+            .iter()
+            .find(|w| w.pass == PASS_WARM && w.config == row.config && w.threads == row.threads);
+        let base = rd
+            .rows
+            .iter()
+            .find(|b| b.pass == PASS_CACHE_COLD && b.engine == "pread" && b.threads == row.threads);
+        let (Some(warm), Some(base)) = (warm, base) else {
+            continue;
+        };
+        let hit_ns = warm.summary.mean_ns;
+        let threads = row.threads.max(1) as f64;
+        let floor_s = (h as f64 * hit_ns + m as f64 * floor_ns) / 1e9 / threads;
+        let with_mem_s = floor_s + m as f64 * rd.chunk_fresh_mem_ns / 1e9 / threads;
+        let pread_s = base.summary.wall_secs;
+        t.row(&[
+            row.config.clone(),
+            row.threads.to_string(),
+            format!("{h} / {m}"),
+            format!("{:.2}", hit_ns / 1e3),
+            format!("{floor_s:.3}"),
+            format!("{pread_s:.3}"),
+            format!("{:.2}", pread_s / floor_s),
+            format!("{:.2}", pread_s / with_mem_s),
+            row.ratio_vs_pread.map_or("—".into(), |v| format!("{v:.2}")),
+        ]);
+    }
+    s.push_str(&t.render());
+}
+
 fn render(r: &Report<'_>) -> String {
     let mut s = String::new();
     let o = r.opts;
@@ -856,8 +1164,8 @@ fn render(r: &Report<'_>) -> String {
     s.push_str(&t.render());
     let _ = writeln!(
         s,
-        "\nPage cache is not dropped: inputs are read from the page cache; writes are timed up to \
-         their fsync. Each measurement is the median of {} repetitions (fresh file / fresh store each).\n",
+        "\nIngest inputs are read from the page cache; writes are timed up to \
+         their fsync. Only the {PASS_DEVICE_COLD} read passes push files out of the page cache first. Each measurement is the median of {} repetitions (fresh file / fresh store each).\n",
         o.reps
     );
 
@@ -968,8 +1276,13 @@ fn render(r: &Report<'_>) -> String {
     );
     let _ = writeln!(
         s,
-        "Cold = first reads after `Store::open` (chunk cache and outboards empty: each chunk's first read reads and hashes it whole; offsets seed {SEED_COLD:#x}); warm = next batch (seed {SEED_WARM:#x}). \
-         pread = `FileExt::read_exact_at` on a plain file holding the same bytes, read fully once beforehand, so it is served from the page cache. \
+        "Passes, in run order for each config: **{PASS_DEVICE_COLD}** (judged configs and pread only) = the files the pass reads were just pushed out of the page cache \
+         (pread: the plain file; Cairn: every file under the store's `segments/` and `index/`, after a fresh `Store::open`; each file fsynced, then `posix_fadvise(POSIX_FADV_DONTNEED)`, \
+         checked with `fincore`; see the eviction table), so both sides read from the device and Cairn's chunk cache is empty; offsets seed {SEED_DEVICE_COLD:#x}. \
+         **{PASS_CACHE_COLD}** = first reads after a fresh `Store::open` (chunk cache, outboards and index entry cache empty: each chunk's first read reads and hashes it whole) \
+         while the segment files are in the page cache (read fully just before), as the plain file is for pread (read fully once beforehand); offsets seed {SEED_COLD:#x}. \
+         **{PASS_WARM}** = the next batch on the same open store (seed {SEED_WARM:#x}). \
+         pread = `FileExt::read_exact_at` on a plain file holding the same bytes. `open ms` = `Store::open_object` just before the pass (not in the pass's time). \
          With 2 threads the offsets are split in halves and both threads share one `ObjectHandle`. \
          Latency per call via `Instant`; IOPS = reads / wall time.\n"
     );
@@ -980,6 +1293,7 @@ fn render(r: &Report<'_>) -> String {
         "threads",
         "pass",
         "cache hits",
+        "open ms",
         "IOPS",
         "p50 µs",
         "p99 µs",
@@ -1009,6 +1323,7 @@ fn render(r: &Report<'_>) -> String {
             row.threads.to_string(),
             row.pass.to_string(),
             hits,
+            row.open_ms.map_or("—".into(), |v| format!("{v:.1}")),
             format!("{:.0}", x.iops),
             us(x.p50_ns),
             us(x.p99_ns),
@@ -1020,6 +1335,32 @@ fn render(r: &Report<'_>) -> String {
         ]);
     }
     s.push_str(&t.render());
+    if !rd.evictions.is_empty() {
+        let _ = writeln!(s, "\nPage-cache evictions before the {PASS_DEVICE_COLD} passes (resident bytes by `fincore`):\n");
+        let mut t = MdTable::new(&[
+            "pass of",
+            "threads",
+            "files",
+            "bytes",
+            "resident before",
+            "resident after",
+            "method",
+        ]);
+        let opt = |v: Option<u64>| v.map_or("? (no fincore)".into(), |b| b.to_string());
+        for e in &rd.evictions {
+            t.row(&[
+                e.config.clone(),
+                e.threads.to_string(),
+                e.files.to_string(),
+                e.bytes.to_string(),
+                opt(e.resident_before),
+                opt(e.resident_after),
+                e.method.clone(),
+            ]);
+        }
+        s.push_str(&t.render());
+    }
+    render_first_touch_bound(&mut s, rd);
     let _ = writeln!(
         s,
         "\nWhere the warm-pass reads land, for reads that miss the chunk cache (verification works on 4 KiB groups counted from each chunk's start; \
