@@ -326,6 +326,13 @@ impl Node {
                 nbd_metrics,
             )
         };
+        if let Some(r) = &replicator {
+            let weak = r.downgrade();
+            vm_images.set_announce_hook(Arc::new(move |name, object| match weak.upgrade() {
+                Some(r) => r.announce_image(name, object).map_err(|e| e.to_string()),
+                None => Err("the node is shutting down".into()),
+            }));
+        }
         let volumes = volume::Volumes::new(
             store.clone(),
             vm_images.clone(),

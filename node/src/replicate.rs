@@ -48,6 +48,12 @@ use crate::registry::{Pushed, Registry};
 
 /// Prefix of outbox entries in the store's names.
 pub const OUTBOX_PREFIX: &str = "outbox/";
+/// The replication "repository" of VM images: an offer of repo `@vm`, tag
+/// NAME, digest `cairn:<OBJECT>` is VM image NAME. `@` cannot start an OCI
+/// repository name, so it never clashes with one; rules match it like a
+/// repository (`repos = "@vm"`).
+pub const VM_REPO: &str = "@vm";
+const VM_DIGEST_PREFIX: &str = "cairn:";
 /// How long one offer (the target pulling a whole image) may take.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How often the outbox is looked at when nothing wakes the worker.
@@ -387,6 +393,31 @@ impl Replicator {
         }
         // The site holds another version of the tag. Import it: if it wins
         // over ours, it replaces ours; if ours won meanwhile, nothing changes.
+        if e.repo == VM_REPO {
+            let (now, _, changed) = self
+                .import_image(&peer, &tag, &digest, version)
+                .await
+                .map_err(|err| format!("adopting {}'s image {tag}: {err}", label(&peer)))?;
+            self.inner
+                .metrics
+                .conflicts
+                .with_label_values(&["adopted"])
+                .inc();
+            info!(image = %tag, ours = %e.digest, theirs = %digest, %now, "image conflict resolved");
+            if changed {
+                self.forward(
+                    Pushed {
+                        repo: VM_REPO.to_owned(),
+                        tag: Some(tag.clone()),
+                        digest: now,
+                        version,
+                    },
+                    Some(peer),
+                )
+                .await;
+            }
+            return Ok(());
+        }
         let up = PullThrough::new(
             self.inner.fetcher.clone(),
             std::slice::from_ref(&peer),
@@ -449,6 +480,26 @@ impl Replicator {
 
     /// Take an offer: import from the offering site, then forward a change.
     async fn accept(&self, o: Offer) -> Result<(String, u64), String> {
+        if o.repo == VM_REPO {
+            let (digest, version, changed) = self
+                .import_image(&o.from, &o.tag, &o.digest, o.version)
+                .await?;
+            info!(from = %label(&o.from), image = %o.tag, digest = %o.digest, changed,
+                "VM image offer taken");
+            if changed {
+                self.forward(
+                    Pushed {
+                        repo: VM_REPO.to_owned(),
+                        tag: Some(o.tag.clone()),
+                        digest: digest.clone(),
+                        version,
+                    },
+                    Some(o.from.clone()),
+                )
+                .await;
+            }
+            return Ok((digest, version));
+        }
         let up = PullThrough::new(
             self.inner.fetcher.clone(),
             std::slice::from_ref(&o.from),
@@ -479,6 +530,104 @@ impl Replicator {
         Ok((imp.digest, imp.version))
     }
 
+    /// A VM image was imported (or a snapshot made) here: give its name a
+    /// new version and queue it for the sites the policy names (parents,
+    /// and rules matching [`VM_REPO`]). Blocking.
+    pub fn announce_image(&self, name: &str, object: &ObjectId) -> Result<usize, StoreError> {
+        let version = self.inner.registry.hlc().now();
+        let key = crate::vm::store_name(name);
+        let (entry, _) = self.inner.store.set_name_versioned(&key, object, version)?;
+        self.enqueue(
+            &Pushed {
+                repo: VM_REPO.to_owned(),
+                tag: Some(name.to_owned()),
+                digest: format!("{VM_DIGEST_PREFIX}{}", entry.object),
+                version: entry.version,
+            },
+            None,
+        )
+    }
+
+    /// Import VM image `name` = object `digest` (`cairn:<id>`) at `version`
+    /// from `from` (then our parents and peers): recipe and every missing
+    /// chunk, at background priority; then the name moves to it unless
+    /// ours wins. Returns the name's digest and version afterwards, and
+    /// whether it changed.
+    async fn import_image(
+        &self,
+        from: &PeerAddr,
+        name: &str,
+        digest: &str,
+        version: u64,
+    ) -> Result<(String, u64, bool), String> {
+        crate::vm::validate_name(name).map_err(|e| e.to_string())?;
+        let id: ObjectId = digest
+            .strip_prefix(VM_DIGEST_PREFIX)
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| format!("bad VM image digest {digest:?}"))?;
+        let key = crate::vm::store_name(name);
+        let offered = cairn_chunkstore::index::NameEntry {
+            object: id,
+            version,
+            updated_ms: 0,
+        };
+        if let Some(cur) = self.current_entry(&key).await {
+            if (cur.object == id && cur.version == version) || cur.wins_over(&offered) {
+                return Ok((
+                    format!("{VM_DIGEST_PREFIX}{}", cur.object),
+                    cur.version,
+                    false,
+                ));
+            }
+        }
+        let mut sources = vec![from.clone()];
+        sources.extend(
+            self.inner
+                .sources
+                .iter()
+                .filter(|s| !same_site(s, from))
+                .cloned(),
+        );
+        self.inner
+            .fetcher
+            .fetch_object(
+                &cairn_transport::wire::ObjectKey::Id(id),
+                &sources,
+                cairn_transport::wire::Priority::Background,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let store = self.inner.store.clone();
+        let (entry, changed) = tokio::task::spawn_blocking(move || {
+            let (entry, changed) = store.set_name_versioned(&key, &id, version)?;
+            store.pin(&key, &entry.object)?;
+            Ok::<_, StoreError>((entry, changed))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok((
+            format!("{VM_DIGEST_PREFIX}{}", entry.object),
+            entry.version,
+            changed,
+        ))
+    }
+
+    async fn current_entry(&self, key: &str) -> Option<cairn_chunkstore::index::NameEntry> {
+        let store = self.inner.store.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || store.name_entry(&key).ok().flatten())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A weak handle (hooks held by things the replicator holds must not
+    /// keep it alive).
+    pub fn downgrade(&self) -> WeakReplicator {
+        WeakReplicator(Arc::downgrade(&self.inner))
+    }
+
     /// The registry's push hook: queues every push for its targets. It
     /// holds the replicator weakly, because the replicator holds the
     /// registry: a strong reference would be a cycle that keeps the store
@@ -497,6 +646,17 @@ impl Replicator {
     /// The transport's handler for `Offer`s.
     pub fn offer_handler(&self) -> Arc<dyn OfferHandler> {
         Arc::new(Sink(self.clone()))
+    }
+}
+
+/// A [`Replicator`] held weakly.
+#[derive(Debug, Clone)]
+pub struct WeakReplicator(std::sync::Weak<Inner>);
+
+impl WeakReplicator {
+    /// The replicator, while the node runs.
+    pub fn upgrade(&self) -> Option<Replicator> {
+        self.0.upgrade().map(|inner| Replicator { inner })
     }
 }
 

@@ -378,7 +378,14 @@ struct Inner {
     fill: Option<tokio_util::sync::CancellationToken>,
     /// Objects being filled now.
     filling: parking_lot::Mutex<std::collections::HashSet<ObjectId>>,
+    /// Called (blocking) when an image is imported or made here, to
+    /// replicate it by policy.
+    announce: std::sync::OnceLock<AnnounceHook>,
 }
+
+/// Replicates a new image (name, object) by policy; returns how many
+/// sites it was queued for.
+pub type AnnounceHook = Arc<dyn Fn(&str, &ObjectId) -> Result<usize, String> + Send + Sync>;
 
 /// VM images in the node's store; cheap to clone.
 #[derive(Clone)]
@@ -434,7 +441,28 @@ impl VmImages {
                 metrics,
                 fill,
                 filling: Default::default(),
+                announce: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Replicate images made here through `hook` (set once, by the node).
+    pub fn set_announce_hook(&self, hook: AnnounceHook) {
+        let _ = self.inner.announce.set(hook);
+    }
+
+    /// Hand a new image to the announce hook, if any (blocking). A failure
+    /// is logged: the image is here and stays; it is offered again only
+    /// when it changes.
+    pub(crate) fn announce(&self, name: &str, object: &ObjectId) {
+        if let Some(h) = self.inner.announce.get() {
+            match h(name, object) {
+                Ok(0) => {}
+                Ok(n) => debug!(image = name, sites = n, "VM image queued for replication"),
+                Err(e) => {
+                    warn!(image = name, error = %e, "queueing a VM image for replication failed")
+                }
+            }
         }
     }
 
@@ -518,9 +546,15 @@ impl VmImages {
             return Err(VmError::Empty);
         }
         let id = put.object;
-        tokio::task::spawn_blocking(move || store.pin(&key, &id))
-            .await
-            .map_err(join_err)??;
+        let me = self.clone();
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            store.pin(&key, &id)?;
+            me.announce(&n, &id);
+            Ok(())
+        })
+        .await
+        .map_err(join_err)??;
         info!(image = name, object = %put.object.fmt_short(), size = put.len, new_chunks = put.new_chunks, "VM image imported");
         Ok(ImportResult {
             name: name.to_owned(),

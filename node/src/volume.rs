@@ -586,6 +586,7 @@ impl Volumes {
         let store = self.inner.store.clone();
         let key = vm::store_name(image);
         let img = image.to_owned();
+        let images = self.inner.images.clone();
         let chunks = blocking(move || {
             match store.resolve(&key) {
                 Ok(_) => return Err(VolumeError::Exists(format!("image {img}"))),
@@ -594,6 +595,7 @@ impl Volumes {
             }
             store.set_name(&key, &object)?;
             store.pin(&key, &object)?;
+            images.announce(&img, &object);
             Ok(store.recipe(&object)?.chunks().len() as u64)
         })
         .await?;

@@ -493,3 +493,61 @@ async fn ext4_on_a_volume_snapshots_and_checks_clean_elsewhere() {
     edge.shutdown().await;
     core.shutdown().await;
 }
+
+/// Poll `n`'s image list until `name` is there with every chunk local.
+async fn wait_complete(n: &Node, name: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        if let Some(i) = list(n).await.into_iter().find(|i| i["name"] == name) {
+            if i["state"] == "complete" {
+                return i;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "image {name} never arrived complete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_and_snapshots_made_at_an_edge_replicate_to_its_parent() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let c = Cluster::new();
+    let core = c.node("core", vec![]).await;
+    let edge = c.node("edge", vec![peer(&core)]).await;
+    let src = disk_image((8 * MIB) as usize, 5);
+    let r = import(&edge, "golden", &src).await;
+    let at_core = wait_complete(&core, "golden").await;
+    assert_eq!(at_core["object"], r["object"]);
+    let got = copy_out(&core, "image/golden", &c.dir.path().join("g.raw")).await;
+    assert!(got == src, "the replicated image differs");
+
+    // A snapshot of an edge volume travels the same way.
+    let (s, v) = create(&edge, json!({"name": "w", "from": "golden"})).await;
+    assert_eq!(s, 201, "{v}");
+    qemu_io(
+        &edge,
+        "volume/w",
+        &["write -P 0x3c 4096 4096".into(), "flush".into()],
+    )
+    .await;
+    let (s, snap) = snapshot(&edge, "w", "w-1").await;
+    assert_eq!(s, 201, "{snap}");
+    let at_core = wait_complete(&core, "w-1").await;
+    assert_eq!(at_core["object"], snap["object"]);
+    let mut want = src.clone();
+    fill(&mut want, 4096, 4096, 0x3c);
+    let got = copy_out(&core, "image/w-1", &c.dir.path().join("w.raw")).await;
+    assert!(got == want, "the replicated snapshot differs");
+    let m = metrics(&edge).await;
+    assert!(
+        metric(&m, "cairn_replication_offers_sent_total{result=\"ok\"}") >= 2.0,
+        "{m}"
+    );
+    edge.shutdown().await;
+    core.shutdown().await;
+}
