@@ -155,6 +155,26 @@ pub fn save(store: &Store, object: &ObjectId, entries: &[TraceEntry]) -> Result<
     Ok(())
 }
 
+/// Store a trace when an export closes: on a blocking thread of the
+/// current runtime if there is one (the export is dropped on an async
+/// thread), else right here. A failure is logged; traces are advisory.
+pub fn save_on_close(store: std::sync::Arc<Store>, object: ObjectId, entries: Vec<TraceEntry>) {
+    if entries.is_empty() {
+        return;
+    }
+    let save = move || {
+        if let Err(e) = save(&store, &object, &entries) {
+            tracing::warn!(object = %object.fmt_short(), error = %e, "cannot store the access trace");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(save);
+        }
+        Err(_) => save(),
+    }
+}
+
 /// The stored traces of `object`, oldest first.
 pub fn load(store: &Store, object: &ObjectId) -> Result<Vec<Vec<TraceEntry>>, StoreError> {
     let p = prefix(object);

@@ -790,23 +790,11 @@ struct ImageExport {
 impl Drop for ImageExport {
     /// Store the connection's access trace with the object.
     fn drop(&mut self) {
-        let entries = self.trace.entries();
-        if entries.is_empty() {
-            return;
-        }
-        let store = self.images.inner.store.clone();
-        let object = self.handle.id();
-        let save = move || {
-            if let Err(e) = crate::trace::save(&store, &object, &entries) {
-                warn!(object = %object.fmt_short(), error = %e, "cannot store the access trace");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(save);
-            }
-            Err(_) => save(),
-        }
+        crate::trace::save_on_close(
+            self.images.inner.store.clone(),
+            self.handle.id(),
+            self.trace.entries(),
+        );
     }
 }
 

@@ -522,7 +522,10 @@ impl Volumes {
                 meta.block_size
             )));
         }
+        let handle = Arc::new(handle);
         let v = Arc::new(Volume {
+            trace: crate::trace::TraceRecorder::new(handle.recipe().chunks().len()),
+            traced: handle.clone(),
             label: format!("{EXPORT_PREFIX}{name}"),
             name: name.to_owned(),
             meta,
@@ -530,7 +533,7 @@ impl Volumes {
             images: self.inner.images.clone(),
             metrics: self.inner.metrics.clone(),
             state: tokio::sync::RwLock::new(VolState {
-                handle: Arc::new(handle),
+                handle,
                 dirty: BTreeMap::new(),
                 dirty_bytes: 0,
             }),
@@ -647,6 +650,10 @@ pub struct Volume {
     images: VmImages,
     metrics: VolumeMetrics,
     state: tokio::sync::RwLock<VolState>,
+    /// First touches of reads, against the state the volume was opened at
+    /// (stored with that object when the volume closes).
+    trace: crate::trace::TraceRecorder,
+    traced: Arc<ObjectHandle>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -667,6 +674,7 @@ impl Drop for Volume {
             warn!(volume = %self.name, dirty_bytes = st.dirty_bytes, "volume closed with unflushed writes; they are dropped");
             self.metrics.dirty_bytes.sub(st.dirty_bytes as i64);
         }
+        crate::trace::save_on_close(self.store.clone(), self.traced.id(), self.trace.entries());
     }
 }
 
@@ -685,6 +693,8 @@ impl Volume {
     }
 
     async fn read_inner(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.trace
+            .record(self.traced.recipe(), offset, buf.len() as u64);
         let st = self.state.read().await;
         let bs = u64::from(self.meta.block_size);
         let end = offset + buf.len() as u64;

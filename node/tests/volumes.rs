@@ -226,6 +226,19 @@ async fn volume_api_refuses_bad_input_and_qemu_io_round_trips() {
     assert!(metric(&m, "cairn_volume_writes_total") >= 5.0, "{m}");
     assert_eq!(metric(&m, "cairn_volume_dirty_bytes"), 0.0, "{m}");
 
+    // Reads of a volume leave access traces too (stored when it closes).
+    let t = Instant::now();
+    while !node
+        .store()
+        .names()
+        .unwrap()
+        .iter()
+        .any(|(k, _)| k.starts_with("trace/"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "no volume trace");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Removal: gone from the list and NBD; again is a 404.
     assert_eq!(remove(&node, "v").await, 200);
     assert!(volumes(&node).await.is_empty());
