@@ -51,7 +51,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use cairn_chunkstore::{
-    ObjectHandle, ObjectId, PutOptions, Recipe, Store, StoreError, VerifiedChunk,
+    ChunkId, ObjectHandle, ObjectId, PutOptions, Recipe, Store, StoreError, VerifiedChunk,
 };
 use cairn_nbd::{BoxFuture, Export, ExportError, Extent};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
@@ -635,10 +635,19 @@ impl Volumes {
 struct VolState {
     /// The last flushed state.
     handle: Arc<ObjectHandle>,
-    /// Written blocks not yet flushed, by block number; each is the whole
-    /// block (the last block of the volume may be short).
-    dirty: BTreeMap<u64, Vec<u8>>,
+    /// Written blocks not yet flushed, by block number.
+    dirty: BTreeMap<u64, Block>,
+    /// Bytes held by `Block::Data` entries.
     dirty_bytes: usize,
+}
+
+/// A written, unflushed block.
+enum Block {
+    /// The whole block (the last block of the volume may be short).
+    Data(Vec<u8>),
+    /// All zeroes (write-zeroes or trim of the whole block): no memory, so a
+    /// trim of the whole volume costs a map entry per block.
+    Zero,
 }
 
 /// One open volume, shared by every connection that exports it.
@@ -704,8 +713,13 @@ impl Volume {
             let (s, e) = self.block_range(b);
             let take = e.min(end);
             let at = (pos - offset) as usize..(take - offset) as usize;
-            if let Some(d) = st.dirty.get(&b) {
-                buf[at].copy_from_slice(&d[(pos - s) as usize..(take - s) as usize]);
+            if let Some(blk) = st.dirty.get(&b) {
+                match blk {
+                    Block::Data(d) => {
+                        buf[at].copy_from_slice(&d[(pos - s) as usize..(take - s) as usize]);
+                    }
+                    Block::Zero => buf[at].fill(0),
+                }
                 pos = take;
                 continue;
             }
@@ -735,24 +749,39 @@ impl Volume {
         let end = offset + len;
         let handle = st.handle.clone();
         let mut pos = offset;
-        let mut added = 0usize;
+        let (mut added, mut freed) = (0usize, 0usize);
         while pos < end {
             let b = pos / bs;
             let (s, e) = self.block_range(b);
             let take = e.min(end);
-            let block = match st.dirty.entry(b) {
+            let whole = pos == s && take == e;
+            if whole && matches!(src, Source::Zeroes) {
+                if let Some(Block::Data(d)) = st.dirty.insert(b, Block::Zero) {
+                    freed += d.len();
+                }
+                pos = take;
+                continue;
+            }
+            let entry = match st.dirty.entry(b) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
                     let mut blk = vec![0u8; (e - s) as usize];
-                    if pos != s || take != e {
+                    if !whole {
                         // Partly written: start from its current bytes.
                         self.images
                             .read_object(&self.label, &handle, s, &mut blk)
                             .await?;
                     }
                     added += blk.len();
-                    v.insert(blk)
+                    v.insert(Block::Data(blk))
                 }
+            };
+            if matches!(entry, Block::Zero) {
+                added += (e - s) as usize;
+                *entry = Block::Data(vec![0u8; (e - s) as usize]);
+            }
+            let Block::Data(block) = entry else {
+                return Err(VolumeError::Internal("block is not data".into()));
             };
             let at = (pos - s) as usize..(take - s) as usize;
             match src {
@@ -763,8 +792,8 @@ impl Volume {
             }
             pos = take;
         }
-        st.dirty_bytes += added;
-        self.metrics.dirty_bytes.add(added as i64);
+        st.dirty_bytes = st.dirty_bytes + added - freed;
+        self.metrics.dirty_bytes.add(added as i64 - freed as i64);
         self.metrics.writes.inc();
         self.metrics.written_bytes.inc_by(len);
         if fua || st.dirty_bytes > MAX_DIRTY_BYTES {
@@ -784,16 +813,22 @@ impl Volume {
         let handle = st.handle.clone();
         let old = handle.recipe();
         let chunks = old.chunks();
-        let blocks: Vec<(u64, u64, &Vec<u8>)> = st
+        let blocks: Vec<(u64, u64, Option<&[u8]>)> = st
             .dirty
             .iter()
             .map(|(b, d)| {
                 let (s, e) = self.block_range(*b);
-                (s, e, d)
+                let data = match d {
+                    Block::Data(v) => Some(v.as_slice()),
+                    Block::Zero => None,
+                };
+                (s, e, data)
             })
             .collect();
+        let mut zeroes: HashMap<u64, ChunkId> = HashMap::new();
         let mut recipe = Recipe::new();
         let mut pieces: Vec<VerifiedChunk> = Vec::new();
+        let mut zero_pieces: Vec<VerifiedChunk> = Vec::new();
         let mut emit = |recipe: &mut Recipe, data: &[u8]| {
             for part in data.chunks(MAX_FRAGMENT) {
                 let c = VerifiedChunk::hash(Bytes::copy_from_slice(part));
@@ -846,7 +881,23 @@ impl Volume {
                         &bytes[(cursor - a) as usize..(bs - a) as usize],
                     );
                 }
-                emit(&mut recipe, data);
+                match data {
+                    Some(data) => emit(&mut recipe, data),
+                    None => {
+                        let len = be - bs;
+                        let id = match zeroes.get(&len) {
+                            Some(id) => *id,
+                            None => {
+                                let z = VerifiedChunk::hash(Bytes::from(vec![0u8; len as usize]));
+                                let id = *z.id();
+                                zeroes.insert(len, id);
+                                zero_pieces.push(z);
+                                id
+                            }
+                        };
+                        recipe.push(id, len as u32);
+                    }
+                }
                 cursor = be;
             }
             if cursor < run_end {
@@ -865,6 +916,7 @@ impl Volume {
             )));
         }
         let nblocks = blocks.len();
+        pieces.extend(zero_pieces);
         let store = self.store.clone();
         let pin = pin_key(&self.name);
         let (new_handle, new_chunks) = blocking(move || {
@@ -976,7 +1028,13 @@ impl Export for Volume {
         Box::pin(async move {
             let st = self.state.read().await;
             let bs = u64::from(self.meta.block_size);
-            let dirty = |s: u64, e: u64| st.dirty.range(s / bs..e.div_ceil(bs)).next().is_some();
+            // Zeroed blocks report what the old chunk under them says: a
+            // hole if it was zeroes too, else data (always a correct answer).
+            let dirty = |s: u64, e: u64| {
+                st.dirty
+                    .range(s / bs..e.div_ceil(bs))
+                    .any(|(_, b)| matches!(b, Block::Data(_)))
+            };
             Ok(vm::extents(st.handle.recipe(), offset, len, dirty))
         })
     }

@@ -564,3 +564,53 @@ async fn images_and_snapshots_made_at_an_edge_replicate_to_its_parent() {
     edge.shutdown().await;
     core.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroing_a_whole_large_volume_is_cheap_and_reads_back_zeroes() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let c = Cluster::new();
+    let node = c.node("solo", vec![]).await;
+    let (s, v) = create(&node, json!({"name": "big", "size": 8u64 << 30})).await;
+    assert_eq!(s, 201, "{v}");
+    let g = 1u64 << 30;
+    qemu_io(
+        &node,
+        "volume/big",
+        &[
+            format!("write -P 0x09 {g} 1M"),
+            format!("write -P 0x0a {} 64k", 5 * g),
+            "flush".into(),
+        ],
+    )
+    .await;
+    // Zeroing 8 GiB must not hold 8 GiB of zero buffers: whole zeroed
+    // blocks are markers, and the flush stores one zero chunk.
+    let t = Instant::now();
+    qemu_io(
+        &node,
+        "volume/big",
+        &(0..4)
+            .map(|i| format!("write -z {} {g}", i * g))
+            .chain((4..8).map(|i| format!("discard {} {g}", i * g)))
+            .chain([
+                "flush".into(),
+                format!("read -P 0 {g} 1M"),
+                format!("read -P 0 {} 64k", 5 * g),
+            ])
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "zeroing took {:?}",
+        t.elapsed()
+    );
+    let m = metrics(&node).await;
+    assert_eq!(metric(&m, "cairn_volume_dirty_bytes"), 0.0, "{m}");
+    let map = run_ok("nbdinfo", &["--map", &uri(&node, "volume/big")]).await;
+    assert_eq!(map.lines().count(), 1, "all one hole: {map}");
+    assert!(map.contains("hole,zero"), "{map}");
+    node.shutdown().await;
+}
