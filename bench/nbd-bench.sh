@@ -10,6 +10,7 @@
 #   FIO_REPS    fio reps per server and pass       [3]
 #   FIO_RUNTIME fio seconds per rep                [10]
 #   COLD        1 = also run the cold pass         [1]
+#   WRITE       1 = also run the write pass        [1]
 #   KEEP        1 = keep the temp dir              [0]
 #   OUT         report path without extension     [bench/results/nbd-YYYY-MM-DD]
 #
@@ -22,6 +23,7 @@ REPS=${REPS:-3}
 FIO_REPS=${FIO_REPS:-3}
 FIO_RUNTIME=${FIO_RUNTIME:-10}
 COLD=${COLD:-1}
+WRITE=${WRITE:-1}
 # The node's verified chunk cache (store.chunk_cache): large enough to hold
 # the 1 GiB image, so the warm pass measures cairn fully cached.
 export CHUNK_CACHE=${CHUNK_CACHE:-1536M}
@@ -44,7 +46,7 @@ RES=$WORK/results.tsv      # pass server metric rep value
 NOTES=$WORK/notes.txt
 : >"$NOTES"
 
-QEMU_PID= NBDKIT_PID= CAIRN_PID=
+QEMU_PID= NBDKIT_PID= CAIRN_PID= QEMU_W_PID= NBDKIT_W_PID=
 stop_pid() {
     local p=$1
     [ -n "$p" ] || return 0
@@ -55,6 +57,7 @@ stop_pid() {
 }
 cleanup() {
     stop_pid "$CAIRN_PID"; stop_pid "$QEMU_PID"; stop_pid "$NBDKIT_PID"
+    stop_pid "$QEMU_W_PID"; stop_pid "$NBDKIT_W_PID"
     if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -77,10 +80,10 @@ VERSIONS="$(qemu-nbd --version | head -1); nbdkit $(nbdkit --version | awk '{pri
 log "work dir $WORK; load $LOAD_START"
 
 # --- free loopback ports (tcp: qemu, nbdkit, cairn nbd, api, registry; udp: quic)
-read -r P_QEMU P_NBDKIT P_CNBD P_API P_REG P_QUIC < <(python3 - <<'EOF'
+read -r P_QEMU P_NBDKIT P_CNBD P_API P_REG P_QUIC P_QEMU_W P_NBDKIT_W < <(python3 - <<'EOF'
 import socket
 ss = []
-for kind in [socket.SOCK_STREAM] * 5 + [socket.SOCK_DGRAM]:
+for kind in [socket.SOCK_STREAM] * 5 + [socket.SOCK_DGRAM] + [socket.SOCK_STREAM] * 2:
     s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0)); ss.append(s)
 print(*[s.getsockname()[1] for s in ss])
@@ -226,6 +229,44 @@ if [ "$COLD" = 1 ]; then
     fi
 fi
 
+# --- 5. write pass: fio 4 KiB random writes on a fresh 1 GiB writable target --
+# qemu-nbd and nbdkit serve a new sparse raw file each (writes go to the page
+# cache, flushed at the end); cairn serves a new empty volume (dirty blocks in
+# memory, stored as chunks at the flush). --end_fsync=1 makes every run end
+# with a FLUSH, so what is timed includes making the writes durable.
+WRITE_DONE=0
+if [ "$WRITE" = 1 ]; then
+    truncate -s "$SIZE" "$WORK/wq.raw" "$WORK/wk.raw"
+    qemu-nbd --persistent --shared=8 -f raw -x w -b 127.0.0.1 -p "$P_QEMU_W" "$WORK/wq.raw" \
+        >"$WORK/qemu-nbd-w.log" 2>&1 &
+    QEMU_W_PID=$!
+    nbdkit --foreground -i 127.0.0.1 -p "$P_NBDKIT_W" file "$WORK/wk.raw" \
+        >"$WORK/nbdkit-w.log" 2>&1 &
+    NBDKIT_W_PID=$!
+    "$BIN" volume create wbench --size "$SIZE" --api "http://127.0.0.1:$P_API" >"$WORK/vol.out" 2>&1 \
+        || { cat "$WORK/vol.out" >&2; exit 1; }
+    declare -A WURI=(
+        [qemu-nbd]="nbd://127.0.0.1:$P_QEMU_W/w"
+        [nbdkit]="nbd://127.0.0.1:$P_NBDKIT_W/w"
+        [cairn]="nbd://127.0.0.1:$P_CNBD/volume/wbench"
+    )
+    wait_nbd "${WURI[qemu-nbd]}" "$QEMU_W_PID"
+    wait_nbd "${WURI[nbdkit]}" "$NBDKIT_W_PID"
+    for s in "${SERVERS[@]}"; do
+        for r in $(seq "$FIO_REPS"); do
+            j=$WORK/fio-write-$s-$r.json
+            fio --name=w --ioengine=nbd --uri="${WURI[$s]}" --rw=randwrite --bs=4k --iodepth=16 \
+                --runtime="$FIO_RUNTIME" --time_based --end_fsync=1 --output-format=json \
+                --output="$j" >/dev/null
+            iops=$(jq '.jobs[0].write.iops' "$j")
+            printf 'write\t%s\tiops\t%s\t%s\n' "$s" "$r" "$iops" >>"$RES"
+            log "write $s fio rep $r: $iops IOPS"
+        done
+    done
+    stop_pid "$QEMU_W_PID"; stop_pid "$NBDKIT_W_PID"
+    WRITE_DONE=1
+fi
+
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 END=$(date -u +%FT%TZ)
 cp "$WORK/cairn.log" "$WORK/cairn.log.keep" 2>/dev/null || true
@@ -235,7 +276,7 @@ CAIRN_METRICS=$(curl -fsS "http://127.0.0.1:$P_API/metrics" 2>/dev/null \
 # --- 5. report ------------------------------------------------------------------
 export RES NOTES OUT SIZE NPROC CPU KERNEL LOAD_START LOAD_END START END VERSIONS CMDLINE \
     REPS FIO_REPS FIO_RUNTIME COLD_DONE IMG_SHA ZERO_MIB IMPORT_S STORE_BYTES CMP CAIRN_METRICS \
-    CAIRN_METRICS_WARM BIN BIN_MTIME \
+    CAIRN_METRICS_WARM BIN BIN_MTIME WRITE_DONE \
     WORK
 python3 - <<'EOF'
 import json, os, statistics as st
@@ -317,6 +358,7 @@ L.append("- cold: before every rep `sync; echo 3 > /proc/sys/vm/drop_caches`; fo
 L.append(f"Correctness: `nbdcopy` of `image/bench` to a file, `cmp` with the source: **{E['CMP']}**.\n")
 for p in ("warm", "cold"):
     if p not in summary: continue
+    if p == "write": continue
     L.append(f"## {p.capitalize()}\n")
     L.append("| server | seq reps (MB/s) | seq median MB/s | fio reps (IOPS) | IOPS median |")
     L.append("|---|---|---|---|---|")
@@ -331,6 +373,22 @@ for p in ("warm", "cold"):
     for o in ("qemu-nbd", "nbdkit"):
         r = ratios[p][f"cairn/{o}"]
         L.append(f"| cairn / {o} | {f(r['seq'], 2)}x | {f(r['iops'], 2)}x |")
+    L.append("")
+if "write" in summary:
+    L.append("## Writes (context, no target)\n")
+    L.append(f"`fio --name=w --ioengine=nbd --uri=URI --rw=randwrite --bs=4k --iodepth=16 --runtime={E['FIO_RUNTIME']} "
+             "--time_based --end_fsync=1` on a fresh 1 GiB target each: qemu-nbd and nbdkit (writable) on a new "
+             "sparse raw file, cairn on a new empty volume (`cairn volume create wbench --size 1G`).\n")
+    L.append("| server | fio reps (IOPS) | IOPS median |")
+    L.append("|---|---|---|")
+    for s in servers:
+        d = summary["write"].get(s)
+        if not d: continue
+        L.append(f"| {s} | {', '.join(f(x) for x in d['iops'])} | **{f(d['iops_median'])}** |")
+    L.append("")
+    for o in ("qemu-nbd", "nbdkit"):
+        r = ratios["write"][f"cairn/{o}"]
+        L.append(f"- cairn / {o}: {f(r['iops'], 2)}x")
     L.append("")
 if target:
     L.append("## Target (issue 4/8): warm, cairn >= 1.0x qemu-nbd\n")
