@@ -59,6 +59,7 @@
 //! cairn-wan up topology.toml      # keep a topology up until Ctrl-C
 //! cairn-wan clean                 # delete namespaces of dead runs
 //! cairn-wan scenario cold-pull    # scenario 1: cold image pull at an edge
+//! cairn-wan scenario vm-nbd       # scenario 3: a VM image at an edge over NBD
 //! ```
 //!
 //! `check` writes `bench/results/wan-check-DATE.{md,json}` and exits
@@ -102,6 +103,7 @@ pub mod check;
 pub mod model;
 pub mod scenario;
 pub mod sys;
+pub mod vm_nbd;
 mod wan;
 
 pub use model::{DelayLine, DirStats, DropReason, LinkDir, LinkSpec, QueueLimit, Verdict};

@@ -46,6 +46,71 @@ enum ScenarioCmd {
     /// pull-through cache at the edge). Needs `cairn`, skopeo, umoci and
     /// docker-registry.
     ColdPull(ColdPullArgs),
+    /// Scenario 3: a VM image at an edge over NBD (a Cairn edge's lazy
+    /// export ← Cairn core, against copying the raw image first with
+    /// nbdcopy from qemu-nbd at the core): a full read and a boot-like
+    /// sparse trace. Needs `cairn`, nbdcopy, qemu-io, qemu-nbd, qemu-img,
+    /// mkfs.ext4 and curl.
+    VmNbd(VmNbdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct VmNbdArgs {
+    /// Smoke run: 32 MiB image, one rep, no link self-check, no files
+    /// written unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// One-way delay in ms (RTT is twice this).
+    #[arg(long, default_value_t = 25.0)]
+    delay_ms: f64,
+    /// Rate in Mbit/s (IP bytes).
+    #[arg(long, default_value_t = 100.0)]
+    rate_mbit: f64,
+    /// Random loss in percent.
+    #[arg(long, default_value_t = 0.5)]
+    loss: f64,
+    /// Repetitions (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Size of the raw disk image in MiB (default 256; 32 with --quick).
+    #[arg(long)]
+    image_mib: Option<u64>,
+    /// MiB of real files in it (default 5/8 of the image).
+    #[arg(long)]
+    file_mib: Option<u64>,
+    /// Percent of the image's 4 KiB blocks the boot-like trace reads.
+    #[arg(long, default_value_t = 3.0)]
+    trace_pct: f64,
+    /// Seed of the trace.
+    #[arg(long, default_value_t = 1)]
+    trace_seed: u64,
+    /// QUIC congestion controller of both Cairn nodes: bbr (default: the
+    /// copy-first TCP baseline uses the host's default, usually bbr here;
+    /// with cubic the 0.5% loss starves Cairn, see scenario 1) or cubic.
+    #[arg(long, default_value = "bbr")]
+    congestion: String,
+    /// The cairn binary (default: target/release/cairn of this workspace).
+    #[arg(long, env = "CAIRN_BIN")]
+    cairn: Option<PathBuf>,
+    /// Scratch root (image cache, work dirs).
+    #[arg(long, default_value = "/tmp")]
+    tmp: PathBuf,
+    /// Seconds allowed for one timed step.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Skip the link self-check.
+    #[arg(long)]
+    skip_check: bool,
+    /// Seconds per iperf3 run of the self-check.
+    #[arg(long, default_value_t = 5)]
+    check_duration_s: u64,
+    /// Directory for wan-scenario3-DATE.{md,json} (default bench/results;
+    /// with --quick nothing is written unless given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Suffix for the file names.
+    #[arg(long)]
+    suffix: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +214,40 @@ fn spec(delay_ms: f64, jitter_ms: f64, rate_mbit: f64, loss_pct: f64) -> Result<
 }
 
 /// YYYY-MM-DD (UTC) from the system clock.
+/// This process's command line, as `cairn-wan ARGS`.
+fn command_line() -> String {
+    std::iter::once("cairn-wan".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The link self-check of a scenario, unless `skip`.
+fn link_check(skip: bool, link: LinkSpec, duration_s: u64) -> Result<Option<CheckReport>> {
+    if skip {
+        return Ok(None);
+    }
+    eprintln!("self-check of the link {} ...", short_spec(&link));
+    let mut c = CheckConfig::new(link);
+    c.duration = Duration::from_secs(duration_s.max(3));
+    let r = run_check(&c).context("link self-check")?;
+    eprintln!("{}", r.to_markdown());
+    Ok(Some(r))
+}
+
+/// The report's link self-check section.
+fn check_section(check: Option<&CheckReport>, link: &LinkSpec) -> String {
+    match check {
+        Some(r) => format!(
+            "## Link self-check ({})\n\nOverall: **{}**\n\n{}\n",
+            short_spec(link),
+            if r.passed() { "PASS" } else { "FAIL" },
+            r.to_markdown()
+        ),
+        None => "Link self-check: skipped.\n\n".to_owned(),
+    }
+}
+
 fn today() -> String {
     let days = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -182,10 +281,7 @@ fn check(args: CheckArgs) -> Result<()> {
         vec![s]
     };
     let machine = Machine::collect();
-    let command = std::iter::once("cairn-wan".to_owned())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = command_line();
     let date = today();
     let mut reports: Vec<CheckReport> = Vec::new();
     for s in specs {
@@ -379,38 +475,15 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
     // Fail early and clearly on missing programs.
     cairn_wan::scenario::Tools::find(&cfg.cairn)?;
     let machine = Machine::collect();
-    let command = std::iter::once("cairn-wan".to_owned())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let command = command_line();
     let date = today();
-    let check = if a.skip_check || a.quick {
-        None
-    } else {
-        eprintln!("self-check of the link {} ...", short_spec(&link));
-        let mut c = CheckConfig::new(link);
-        c.duration = Duration::from_secs(a.check_duration_s.max(3));
-        let r = run_check(&c).context("link self-check")?;
-        eprintln!("{}", r.to_markdown());
-        Some(r)
-    };
+    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
     let report = run_cold_pull(&cfg)?;
     let mut md = format!(
         "# Scenario 1: cold image pull at an edge, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: docker-registry and skopeo use it), load average {} at the start.\n\n",
         machine.nproc, machine.cpu, machine.kernel, machine.tcp_congestion_control, machine.loadavg
     );
-    match &check {
-        Some(r) => {
-            md.push_str(&format!(
-                "## Link self-check ({})\n\nOverall: **{}**\n\n",
-                short_spec(&link),
-                if r.passed() { "PASS" } else { "FAIL" }
-            ));
-            md.push_str(&r.to_markdown());
-            md.push('\n');
-        }
-        None => md.push_str("Link self-check: skipped.\n\n"),
-    }
+    md.push_str(&check_section(check.as_ref(), &link));
     md.push_str("## Result\n\n");
     md.push_str(&report.to_markdown());
     md.push_str(
@@ -456,6 +529,111 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
     Ok(())
 }
 
+fn vm_nbd(a: VmNbdArgs) -> Result<()> {
+    use cairn_wan::scenario::Stats;
+    use cairn_wan::vm_nbd::{run_vm_nbd, VmNbdConfig, VmTools};
+    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
+    link.queue = QueueLimit::Auto;
+    let image_mib = a.image_mib.unwrap_or(if a.quick { 32 } else { 256 });
+    let cfg = VmNbdConfig {
+        spec: link,
+        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+        image_bytes: image_mib << 20,
+        file_bytes: a.file_mib.unwrap_or(image_mib * 5 / 8) << 20,
+        cairn: a.cairn.unwrap_or_else(default_cairn),
+        congestion: a.congestion,
+        tmp: a.tmp,
+        timeout: Duration::from_secs(a.timeout_s),
+        seed: 1,
+        trace_seed: a.trace_seed,
+        trace_fraction: a.trace_pct / 100.0,
+    };
+    // Fail early and clearly on missing programs.
+    VmTools::find(&cfg.cairn)?;
+    let machine = Machine::collect();
+    let command = command_line();
+    let date = today();
+    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
+    let report = run_vm_nbd(&cfg)?;
+    let mut md = format!(
+        "# Scenario 3: a VM image at an edge over NBD, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: qemu-nbd and nbdcopy use it), load average {} at the start.\n\n",
+        machine.nproc, machine.cpu, machine.kernel, machine.tcp_congestion_control, machine.loadavg
+    );
+    md.push_str(&check_section(check.as_ref(), &link));
+    md.push_str("## Result\n\n");
+    md.push_str(&report.to_markdown());
+    md.push_str(
+        "\n## Method\n\nSites `core` (10.99.0.1) and `edge` (10.99.0.2) are network namespaces joined by the cairn-wan userspace link emulator. \
+         The disk image is a raw ext4 file system made by `mkfs.ext4 -F -q -b 4096 -U UUID -E root_owner=0:0,hash_seed=UUID -d TREE` (with `E2FSPROGS_FAKE_TIME`) \
+         over a tree of real files (the cold-pull scenario's selection: sorted paths, round robin over /usr sources) whose times are pinned (`touch -h -d @1700000000`; inode ctimes afterwards with `debugfs -w -f CMDS`, `sif <INO> ctime @1700000000`), \
+         so the same files give the same image byte for byte (the sha256 above); it is built once and cached. \
+         A Cairn core node imports it inside the core namespace (`cairn image import`, loopback); `qemu-nbd -r -t -e 8` serves the same raw file at the core on 10.99.0.1:10810. \
+         Per rep, in the edge namespace and in this order: **copy-full** `nbdcopy nbd://10.99.0.1:10810/img LOCAL` (the copy-first transfer, a plain NBD-over-TCP copy of the raw file across the link; verified with `cmp`); \
+         **copy-trace** the trace replayed with `qemu-io -r -f raw -c 'read -q OFF LEN' -c 'sleep MS' … LOCAL` (page cache warm, as right after the copy); \
+         **cairn-full** a fresh Cairn edge node (fresh data dir, `--parent core@10.99.0.1:7443`, NBD and API on its loopback), then `nbdcopy nbd://127.0.0.1:10809/image/NAME /dev/null` (verified untimed with `qemu-img compare` against the original); \
+         **cairn-trace** another fresh edge node and the same qemu-io replay against its export. \
+         Every step is the wall time of its client process (connection set-up included). \
+         Ratio (a) = cairn-full / copy-full; ratio (b) = cairn-trace / (copy-full + copy-trace); both per rep, then min / median / max over the reps. \
+         WAN bytes are IP bytes the link model delivered core→edge during the step; the edge's `/metrics` give `cairn_nbd_fetched_bytes_total` and `cairn_transport_peer_bytes_in_total` (all series summed). \
+         nbdcopy skips ranges the server reports as holes (qemu-nbd: the sparse file's holes; Cairn: all-zero chunks) on both paths.\n\n\
+         The trace: deterministic (splitmix64, the seed above) over the blocks holding data; about the given percentage of the image's 4 KiB blocks, \
+         two thirds in the head of the image (its first 1/8: superblock, group descriptors, bitmaps, inode tables, directories, first small files; positions biased to its start, runs of 1–8 blocks), \
+         one third as file extents beyond it (runs of 8–64 blocks, read in pieces of at most 128 KiB); a read of blocks all read before is dropped (a guest's page cache absorbs it). \
+         It starts with the superblock and group descriptors and a burst of head reads (mount), \
+         then each file extent follows 1–3 head reads (path lookups; more while the head lags its share); 0–2 ms of think time after each read; one request at a time, in order.\n",
+    );
+    println!("{md}");
+    let out = match (a.out, a.quick) {
+        (Some(o), _) => Some(o),
+        (None, false) => Some(PathBuf::from("bench/results")),
+        (None, true) => None,
+    };
+    if let Some(out) = out {
+        let stem = match &a.suffix {
+            Some(s) => format!("wan-scenario3-{date}-{s}"),
+            None => format!("wan-scenario3-{date}"),
+        };
+        std::fs::create_dir_all(&out)?;
+        let secs = cairn_wan::vm_nbd::STEPS
+            .iter()
+            .map(|(w, _)| {
+                (
+                    (*w).to_owned(),
+                    serde_json::json!(Stats::of(&report.secs(w))),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>();
+        let json = serde_json::json!({
+            "date": date,
+            "command": command,
+            "machine": machine,
+            "link_check": check,
+            "result": report,
+            "summary": {
+                "image_bytes": report.image.bytes,
+                "trace_distinct_blocks": report.trace.distinct_blocks,
+                "secs": secs,
+                "copy_first_trace_secs": Stats::of(&report.copy_first_trace_secs()),
+                "ratio_full_cairn_copy_first": Stats::of(&report.ratios_full()),
+                "ratio_trace_cairn_copy_first": Stats::of(&report.ratios_trace()),
+                "wan_bytes_core_to_edge_median": {
+                    "copy-full": report.wan_bytes("copy-full"),
+                    "cairn-full": report.wan_bytes("cairn-full"),
+                    "cairn-trace": report.wan_bytes("cairn-trace"),
+                },
+            },
+        });
+        let md_path = out.join(format!("{stem}.md"));
+        std::fs::write(&md_path, &md)?;
+        std::fs::write(
+            out.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        eprintln!("wrote {}", md_path.display());
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if !cairn_wan::sys::is_root() {
@@ -476,6 +654,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Scenario {
             which: ScenarioCmd::ColdPull(a),
         } => cold_pull(a),
+        Cmd::Scenario {
+            which: ScenarioCmd::VmNbd(a),
+        } => vm_nbd(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

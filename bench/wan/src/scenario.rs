@@ -113,12 +113,12 @@ pub struct Tools {
     pub versions: BTreeMap<String, String>,
 }
 
-fn in_path(name: &str) -> bool {
+pub(crate) fn in_path(name: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
 }
 
-fn first_line(cmd: &mut Command) -> String {
+pub(crate) fn first_line(cmd: &mut Command) -> String {
     cmd.stdin(Stdio::null())
         .output()
         .map(|o| {
@@ -171,7 +171,7 @@ impl Tools {
     }
 }
 
-fn run_checked(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn run_checked(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -258,7 +258,7 @@ fn regular_files(root: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
-fn select_files(target: u64) -> (Vec<(PathBuf, u64)>, Vec<String>) {
+pub(crate) fn select_files(target: u64) -> (Vec<(PathBuf, u64)>, Vec<String>) {
     use std::os::unix::fs::MetadataExt as _;
     let mut lists: Vec<(&str, std::vec::IntoIter<(PathBuf, u64)>)> = SOURCES
         .iter()
@@ -499,13 +499,19 @@ struct Server {
     token: Option<String>,
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
-fn wait_listening(wan: &Wan, site: &str, port: u16, log: &Path, what: &str) -> Result<()> {
+pub(crate) fn wait_listening(
+    wan: &Wan,
+    site: &str,
+    port: u16,
+    log: &Path,
+    what: &str,
+) -> Result<()> {
     let t = Instant::now();
     loop {
         let out = wan.run_in(site, "ss", ["-Htln", &format!("sport = :{port}")])?;
@@ -521,7 +527,7 @@ fn wait_listening(wan: &Wan, site: &str, port: u16, log: &Path, what: &str) -> R
     }
 }
 
-fn spawn_logged(wan: &Wan, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
+pub(crate) fn spawn_logged(wan: &Wan, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
     let f = fs::File::create(log)?;
     cmd.stdout(f.try_clone()?).stderr(f);
     Ok(wan.spawn(cmd)?)
@@ -971,26 +977,7 @@ fn run_in_work(
     img: &ImageMeta,
     work: &Path,
 ) -> Result<ColdPullReport> {
-    let ca = work.join("ca");
-    run_checked(
-        Command::new(&cfg.cairn).args(["cluster", "init"]).arg(&ca),
-        "cairn cluster init",
-    )?;
-    for n in ["core", "edge"] {
-        run_checked(
-            Command::new(&cfg.cairn)
-                .args(["cluster", "add-node"])
-                .arg(&ca)
-                .arg(n),
-            "cairn cluster add-node",
-        )?;
-    }
-    let wan = Wan::builder()
-        .seed(cfg.seed)
-        .site("core")
-        .site("edge")
-        .link("core", "edge", cfg.spec)
-        .start()?;
+    let (ca, wan) = core_edge(&cfg.cairn, work, cfg.seed, cfg.spec)?;
     let want = |w: &str| cfg.contestants.iter().any(|c| c == w);
     for c in &cfg.contestants {
         ensure!(
@@ -1164,4 +1151,35 @@ fn run_in_work(
         push_secs,
         pulls,
     })
+}
+
+/// A cluster CA with node identities `core` and `edge` under `work/ca`, and
+/// the two sites joined by one emulated link.
+pub(crate) fn core_edge(
+    cairn: &Path,
+    work: &Path,
+    seed: u64,
+    spec: LinkSpec,
+) -> Result<(PathBuf, Wan)> {
+    let ca = work.join("ca");
+    run_checked(
+        Command::new(cairn).args(["cluster", "init"]).arg(&ca),
+        "cairn cluster init",
+    )?;
+    for n in ["core", "edge"] {
+        run_checked(
+            Command::new(cairn)
+                .args(["cluster", "add-node"])
+                .arg(&ca)
+                .arg(n),
+            "cairn cluster add-node",
+        )?;
+    }
+    let wan = Wan::builder()
+        .seed(seed)
+        .site("core")
+        .site("edge")
+        .link("core", "edge", spec)
+        .start()?;
+    Ok((ca, wan))
 }

@@ -1,0 +1,1200 @@
+//! Scenario 3 of the WAN benchmark: **a VM image at an edge over NBD**.
+//!
+//! Two sites, `core` (10.99.0.1) and `edge` (10.99.0.2), joined by one
+//! emulated link. A deterministic raw ext4 disk image (built once with
+//! `mkfs.ext4 -d` from a sorted set of real files with pinned times, a
+//! fixed UUID and hash seed, then cached) is imported into a Cairn core node
+//! inside the core namespace (`cairn image import`, loopback: never across
+//! the link). Per repetition, in this order, in the edge namespace:
+//!
+//! 1. **copy-first, full**: `nbdcopy nbd://CORE:10810/img LOCAL.raw` from a
+//!    `qemu-nbd` serving the raw file at the core (read-only, persistent,
+//!    shared), across the link: the time to get the whole image to the edge
+//!    by a plain TCP copy before a VM could start. Verified with `cmp`.
+//! 2. **copy-first, trace**: the boot-like trace replayed with `qemu-io`
+//!    against the local copy (page cache warm, as right after the copy).
+//! 3. **cairn, full**: a fresh Cairn edge node (fresh data dir, `--parent`
+//!    the core), then `nbdcopy nbd://127.0.0.1:10809/image/NAME /dev/null`:
+//!    the lazy export fetches every chunk over the link. Verified untimed
+//!    with `qemu-img compare` against the original.
+//! 4. **cairn, trace**: another fresh edge node, the same trace replayed
+//!    with `qemu-io` straight against its export (chunks fetched on demand).
+//!
+//! Ratios per rep: full = cairn full / copy-first full; trace = cairn trace
+//! / (copy-first full + local replay). The bytes crossing the link come from
+//! the link model (IP bytes) and from the edge's `/metrics`
+//! (`cairn_nbd_fetched_bytes_total`, `cairn_transport_peer_bytes_in_total`).
+//!
+//! ## The trace
+//!
+//! Synthetic and deterministic ([`boot_trace`], splitmix64 with a fixed
+//! seed) over the image's 4 KiB blocks, using only blocks that hold data
+//! (non-zero in the image file: a guest reads what the file system points
+//! at, and Cairn serves all-zero chunks without fetching). About `fraction`
+//! (default 3%) of all blocks: two thirds in the *head* of the image (its
+//! first 1/8, where `mkfs.ext4 -d` puts the superblock, group descriptors,
+//! bitmaps, inode tables, the directories and the first small files; block
+//! positions biased to its start, runs of 1–8 blocks: the boot's metadata
+//! and small-file reads), one third as file extents beyond it (runs of
+//! 8–64 blocks, read in pieces of at most 128 KiB, like readahead). A read
+//! whose blocks were all read before is dropped (the guest's page cache
+//! would absorb it). The first reads are the superblock and group
+//! descriptors and a burst of head reads (mount), then
+//! each file extent is preceded by 1–3 head reads (path lookups). Think
+//! time between reads: 0, 1 or 2 ms, uniformly. The replay is one
+//! `qemu-io -r -f raw -c 'read -q OFF LEN' -c 'sleep MS' …` process (one
+//! request at a time, in order), timed as its wall time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::check::short_spec;
+use crate::model::LinkSpec;
+use crate::scenario::{
+    first_line, in_path, run_checked, select_files, spawn_logged, tail, wait_listening, Stats,
+};
+use crate::wan::{ChildGuard, Wan};
+
+const MIB: u64 = 1 << 20;
+/// Block size of the file system and of the trace.
+pub const BLOCK: u64 = 4096;
+/// Image name in Cairn.
+pub const IMAGE_NAME: &str = "bench-disk";
+/// Bumped when the way the image is built changes (part of the cache key).
+const IMAGE_RECIPE: u32 = 2;
+/// Fixed file-system UUID and directory hash seed (reproducible image).
+const FS_UUID: &str = "c0ffee00-ca1e-4d00-8000-000000000003";
+/// Every file, directory and the file system get this time (2023-11-14).
+const FIXED_TIME: u64 = 1_700_000_000;
+const CAIRN_QUIC_PORT: u16 = 7443;
+const CAIRN_API_PORT: u16 = 7480;
+const CAIRN_NBD_PORT: u16 = 10809;
+const QEMU_NBD_PORT: u16 = 10810;
+/// Largest single read of the trace.
+const MAX_READ_BLOCKS: u64 = 32;
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmNbdConfig {
+    /// The link core↔edge (both directions).
+    pub spec: LinkSpec,
+    /// Repetitions.
+    pub reps: usize,
+    /// Size of the raw disk image.
+    pub image_bytes: u64,
+    /// Bytes of real files put into it.
+    pub file_bytes: u64,
+    /// The `cairn` binary.
+    pub cairn: PathBuf,
+    /// QUIC congestion controller of both Cairn nodes (`cubic` or `bbr`).
+    pub congestion: String,
+    /// Scratch root (image cache and work dirs).
+    pub tmp: PathBuf,
+    /// Bound on one timed step.
+    pub timeout: Duration,
+    /// Seed of the link models.
+    pub seed: u64,
+    /// Seed of the trace.
+    pub trace_seed: u64,
+    /// Fraction of the image's blocks the trace reads.
+    pub trace_fraction: f64,
+}
+
+/// The programs the scenario drives, with their versions.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmTools {
+    /// Versions, by program.
+    pub versions: BTreeMap<String, String>,
+}
+
+impl VmTools {
+    /// Checks that every program is there.
+    pub fn find(cairn: &Path) -> Result<Self> {
+        let apt = "apt-get install -y --no-install-recommends libnbd-bin qemu-utils e2fsprogs curl";
+        for t in [
+            "nbdcopy",
+            "qemu-io",
+            "qemu-nbd",
+            "qemu-img",
+            "mkfs.ext4",
+            "debugfs",
+            "dumpe2fs",
+            "curl",
+            "cmp",
+            "ss",
+            "find",
+            "touch",
+        ] {
+            ensure!(in_path(t), "{t} not found on the PATH (Debian: {apt})");
+        }
+        ensure!(
+            cairn.is_file(),
+            "the cairn binary {} does not exist; build it with \
+             `cargo build --release -p cairn-cli` (or pass --cairn PATH)",
+            cairn.display()
+        );
+        let mut versions = BTreeMap::new();
+        for (name, arg) in [
+            ("nbdcopy", "--version"),
+            ("qemu-io", "--version"),
+            ("qemu-nbd", "--version"),
+            ("mkfs.ext4", "-V"),
+        ] {
+            versions.insert(name.to_owned(), first_line(Command::new(name).arg(arg)));
+        }
+        versions.insert(
+            "cairn".into(),
+            first_line(Command::new(cairn).arg("--version")),
+        );
+        Ok(Self { versions })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The image
+// ---------------------------------------------------------------------------
+
+/// The disk image's facts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmImageMeta {
+    recipe: u32,
+    /// Size of the raw image.
+    pub bytes: u64,
+    /// Files in it.
+    pub files: usize,
+    /// Their bytes.
+    pub file_bytes: u64,
+    /// Where they came from.
+    pub sources: Vec<String>,
+    /// sha256 of the raw image.
+    pub sha256: String,
+    /// 4 KiB blocks that are not all zero.
+    pub data_blocks: u64,
+}
+
+/// Indices of the 4 KiB blocks of `path` that are not all zero.
+fn nonzero_blocks(path: &Path) -> Result<Vec<u64>> {
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; BLOCK as usize * 256];
+    let mut out = Vec::new();
+    let mut block = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        for c in buf[..filled].chunks(BLOCK as usize) {
+            if c.iter().any(|&b| b != 0) {
+                out.push(block);
+            }
+            block += 1;
+        }
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn load_cached(root: &Path) -> Option<VmImageMeta> {
+    let meta: VmImageMeta = serde_json::from_slice(&fs::read(root.join("meta.json")).ok()?).ok()?;
+    let len = fs::metadata(root.join("disk.raw")).ok()?.len();
+    (meta.recipe == IMAGE_RECIPE && len == meta.bytes).then_some(meta)
+}
+
+/// `mkfs.ext4 -d` copies each file's ctime, which no one can set: give
+/// every used inode the ctime [`FIXED_TIME`] with `debugfs -w` so the image is the
+/// same byte for byte on every build.
+fn pin_ctimes(disk: &Path, scratch: &Path) -> Result<()> {
+    let out = run_checked(Command::new("dumpe2fs").arg("-h").arg(disk), "dumpe2fs -h")?;
+    let field = |name: &str| -> Result<u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("dumpe2fs -h printed no {name:?}"))
+    };
+    // mkfs allocates inodes in order: 1..=used are in use (1-10 reserved,
+    // 11 lost+found).
+    let used = field("Inode count:")?.saturating_sub(field("Free inodes:")?);
+    let mut cmds = String::new();
+    for ino in std::iter::once(2).chain(11..=used) {
+        let _ = writeln!(cmds, "sif <{ino}> ctime @{FIXED_TIME}");
+    }
+    let file = scratch.join("debugfs.cmds");
+    fs::write(&file, cmds)?;
+    run_checked(
+        Command::new("debugfs")
+            .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
+            .arg("-w")
+            .arg("-f")
+            .arg(&file)
+            .arg(disk),
+        "debugfs -w (pin ctimes)",
+    )?;
+    fs::remove_file(&file)?;
+    Ok(())
+}
+
+/// The image in `tmp/cairn-wan-vmimage/<N>mib-<F>mib/disk.raw`, built on
+/// first use: `mkfs.ext4 -b 4096 -d TREE` of `image_bytes` over a tree of
+/// `file_bytes` of real files (the cold-pull scenario's file selection:
+/// sorted paths, round robin over its sources), every time pinned (ctimes
+/// with debugfs afterwards), fixed UUID and hash seed, then cached.
+pub fn vm_image(tmp: &Path, image_bytes: u64, file_bytes: u64) -> Result<(PathBuf, VmImageMeta)> {
+    ensure!(
+        image_bytes >= 8 * MIB && image_bytes % BLOCK == 0,
+        "the image must be a multiple of 4 KiB and at least 8 MiB"
+    );
+    ensure!(
+        file_bytes < image_bytes,
+        "the files ({file_bytes} bytes) must be smaller than the image"
+    );
+    let root = tmp.join("cairn-wan-vmimage").join(format!(
+        "{}mib-{}mib",
+        image_bytes / MIB,
+        file_bytes / MIB
+    ));
+    if let Some(m) = load_cached(&root) {
+        eprintln!("reusing the cached disk image in {}", root.display());
+        return Ok((root.join("disk.raw"), m));
+    }
+    let (files, sources) = select_files(file_bytes);
+    ensure!(!files.is_empty(), "no readable files for the image");
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    eprintln!(
+        "building the disk image: {} files, {:.1} MiB from {} into {} MiB of ext4 (cached)",
+        files.len(),
+        total as f64 / MIB as f64,
+        sources.join(", "),
+        image_bytes / MIB
+    );
+    let build = root.with_extension("building");
+    let _ = fs::remove_dir_all(&build);
+    let tree = build.join("tree");
+    fs::create_dir_all(&tree)?;
+    for (p, _) in &files {
+        let dest = tree.join(p.strip_prefix("/").unwrap_or(p));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(p, &dest).with_context(|| format!("copy {}", p.display()))?;
+    }
+    run_checked(
+        Command::new("find")
+            .arg(&tree)
+            .args(["-exec", "touch", "-h", "-d"])
+            .arg(format!("@{FIXED_TIME}"))
+            .args(["{}", "+"]),
+        "touch (pin times)",
+    )?;
+    let disk = build.join("disk.raw");
+    fs::File::create(&disk)?.set_len(image_bytes)?;
+    run_checked(
+        Command::new("mkfs.ext4")
+            .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
+            .args(["-F", "-q", "-b", "4096", "-U", FS_UUID, "-E"])
+            .arg(format!("root_owner=0:0,hash_seed={FS_UUID}"))
+            .arg("-d")
+            .arg(&tree)
+            .arg(&disk),
+        "mkfs.ext4",
+    )?;
+    fs::remove_dir_all(&tree)?;
+    pin_ctimes(&disk, &build)?;
+    let sum = run_checked(Command::new("sha256sum").arg(&disk), "sha256sum")?;
+    let meta = VmImageMeta {
+        recipe: IMAGE_RECIPE,
+        bytes: image_bytes,
+        files: files.len(),
+        file_bytes: total,
+        sources,
+        sha256: sum.split_whitespace().next().unwrap_or("").to_owned(),
+        data_blocks: nonzero_blocks(&disk)?.len() as u64,
+    };
+    fs::write(build.join("meta.json"), serde_json::to_vec_pretty(&meta)?)?;
+    let _ = fs::remove_dir_all(&root);
+    fs::rename(&build, &root)?;
+    Ok((root.join("disk.raw"), meta))
+}
+
+// ---------------------------------------------------------------------------
+// The trace
+// ---------------------------------------------------------------------------
+
+/// One read of the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TraceRead {
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Think time after this read, ms.
+    pub think_ms: u64,
+}
+
+/// A boot-like read trace (see the module docs).
+#[derive(Debug, Clone, Serialize)]
+pub struct Trace {
+    /// Seed it was generated with.
+    pub seed: u64,
+    /// The reads, in order.
+    pub reads: Vec<TraceRead>,
+    /// Distinct 4 KiB blocks read.
+    pub distinct_blocks: u64,
+    /// Of which in the head of the image (the first 1/8: metadata,
+    /// directories, first small files).
+    pub metadata_blocks: u64,
+    /// File extents read.
+    pub extents: usize,
+    /// Blocks in the image.
+    pub image_blocks: u64,
+}
+
+impl Trace {
+    /// Total think time, ms.
+    pub fn think_ms(&self) -> u64 {
+        self.reads.iter().map(|r| r.think_ms).sum()
+    }
+    /// Bytes read (with repeats).
+    pub fn bytes(&self) -> u64 {
+        self.reads.iter().map(|r| r.len).sum()
+    }
+    /// The `qemu-io` arguments replaying it (`-c` pairs).
+    pub fn qemu_io_args(&self) -> Vec<String> {
+        let mut v = Vec::with_capacity(self.reads.len() * 4);
+        for r in &self.reads {
+            v.push("-c".to_owned());
+            v.push(format!("read -q {} {}", r.offset, r.len));
+            if r.think_ms > 0 {
+                v.push("-c".to_owned());
+                v.push(format!("sleep {}", r.think_ms));
+            }
+        }
+        v
+    }
+}
+
+/// splitmix64: small, fast, and the same everywhere (no dependency on a
+/// `rand` version's stream).
+#[derive(Debug, Clone)]
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `[lo, hi]`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Generates the boot-like trace over an image of `image_blocks` 4 KiB
+/// blocks whose non-zero blocks are `data` (sorted). Deterministic in its
+/// inputs.
+pub fn boot_trace(image_blocks: u64, data: &[u64], fraction: f64, seed: u64) -> Trace {
+    let mut rng = SplitMix(seed);
+    let target = ((image_blocks as f64 * fraction).ceil() as u64).max(8);
+    let meta_end = (image_blocks / 8).max(64);
+    let split = data.partition_point(|&b| b < meta_end);
+    let (meta, file) = data.split_at(split);
+    let meta_budget = (target * 2 / 3).min(meta.len() as u64);
+    let mut seen = BTreeSet::new();
+    let mut reads = Vec::new();
+    let mut meta_seen = 0u64;
+    let mut extents = 0usize;
+    let push = |rng: &mut SplitMix,
+                seen: &mut BTreeSet<u64>,
+                reads: &mut Vec<TraceRead>,
+                start: u64,
+                blocks: u64|
+     -> u64 {
+        let blocks = blocks.min(image_blocks.saturating_sub(start)).max(1);
+        let mut new = 0;
+        let mut b = start;
+        while b < start + blocks {
+            let n = (start + blocks - b).min(MAX_READ_BLOCKS);
+            let before = new;
+            for k in b..b + n {
+                if seen.insert(k) {
+                    new += 1;
+                }
+            }
+            // A guest's page cache absorbs re-reads: only reads that touch
+            // a new block reach the disk.
+            if new == before {
+                b += n;
+                continue;
+            }
+            reads.push(TraceRead {
+                offset: b * BLOCK,
+                len: n * BLOCK,
+                think_ms: rng.range(0, 2),
+            });
+            b += n;
+        }
+        new
+    };
+    // Mount: superblock and group descriptors.
+    meta_seen += push(&mut rng, &mut seen, &mut reads, 0, 2);
+    // A metadata read: a data block of the region, biased to its start.
+    let meta_read = |rng: &mut SplitMix| -> Option<(u64, u64)> {
+        if meta.is_empty() {
+            return None;
+        }
+        let u = rng.unit();
+        let i = ((u * u) * meta.len() as f64) as usize;
+        let start = meta[i.min(meta.len() - 1)];
+        Some((start, rng.range(1, 8)))
+    };
+    // Early boot: 40% of the metadata budget before any file.
+    let mut guard = 0;
+    while meta_seen < meta_budget * 2 / 5 && guard < 100_000 {
+        guard += 1;
+        if let Some((s, n)) = meta_read(&mut rng) {
+            meta_seen += push(&mut rng, &mut seen, &mut reads, s, n);
+        }
+    }
+    // Then files, each after 1–3 metadata reads (path lookups), more if
+    // the metadata lags its share of the budget.
+    let file_budget = target.saturating_sub(meta_budget).max(1);
+    let mut file_seen = 0u64;
+    while (seen.len() as u64) < target && guard < 200_000 {
+        guard += 1;
+        let mut k = 0;
+        let lookups = rng.range(1, 3);
+        while meta_seen < meta_budget
+            && (k < lookups || meta_seen * file_budget < (file_seen + 32) * meta_budget)
+            && k < 64
+        {
+            k += 1;
+            if let Some((s, n)) = meta_read(&mut rng) {
+                meta_seen += push(&mut rng, &mut seen, &mut reads, s, n);
+            }
+        }
+        if file.is_empty() {
+            if meta_seen >= meta.len() as u64 {
+                break;
+            }
+            continue;
+        }
+        let left = target.saturating_sub(seen.len() as u64).max(1);
+        let start = file[(rng.next() % file.len() as u64) as usize];
+        let len = rng.range(8, 64).min(left.max(8));
+        file_seen += push(&mut rng, &mut seen, &mut reads, start, len);
+        extents += 1;
+    }
+    if let Some(last) = reads.last_mut() {
+        last.think_ms = 0;
+    }
+    let metadata_blocks = seen.iter().filter(|&&b| b < meta_end).count() as u64;
+    Trace {
+        seed,
+        distinct_blocks: seen.len() as u64,
+        metadata_blocks,
+        extents,
+        image_blocks,
+        reads,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers and steps
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Node {
+    _guard: ChildGuard,
+    log: PathBuf,
+}
+
+impl Node {
+    fn log_problems(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+            .take(5)
+            .map(|l| l.chars().take(300).collect())
+            .collect()
+    }
+}
+
+fn cairn_node(
+    wan: &Wan,
+    cfg: &VmNbdConfig,
+    site: &str,
+    ca: &Path,
+    dir: &Path,
+    parent: Option<&str>,
+) -> Result<Node> {
+    fs::create_dir_all(dir)?;
+    let ip = wan.addr(site)?;
+    let log = dir.join("log");
+    let mut cmd = wan.command(site, &cfg.cairn)?;
+    for v in [
+        "CAIRN_CONFIG",
+        "CAIRN_DATA_DIR",
+        "CAIRN_IDENTITY",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.arg("node")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--identity")
+        .arg(ca.join(site))
+        .args(["--site", site])
+        .args(["--congestion", &cfg.congestion])
+        .args(["--registry-listen", "127.0.0.1:5000"])
+        .args(["--api-listen", &format!("127.0.0.1:{CAIRN_API_PORT}")])
+        .args(["--quic-listen", &format!("{ip}:{CAIRN_QUIC_PORT}")])
+        .args(["--nbd-listen", &format!("127.0.0.1:{CAIRN_NBD_PORT}")]);
+    if let Some(p) = parent {
+        cmd.arg("--parent").arg(p);
+    }
+    let guard = spawn_logged(wan, cmd, &log)?;
+    let t = Instant::now();
+    loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("cairn node ")) {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "cairn node in {site} printed no start line in 30 s; log:\n{}",
+            tail(&log, 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_listening(wan, site, CAIRN_NBD_PORT, &log, "cairn node (NBD)")?;
+    wait_listening(wan, site, CAIRN_API_PORT, &log, "cairn node (API)")?;
+    Ok(Node { _guard: guard, log })
+}
+
+/// Runs `cmd` with output to `log`; seconds and whether it was killed at
+/// the timeout. A non-zero exit is an error.
+fn timed(mut cmd: Command, log: &Path, timeout: Duration, what: &str) -> Result<(f64, bool)> {
+    let f = fs::File::create(log)?;
+    cmd.stdout(f.try_clone()?).stderr(f).stdin(Stdio::null());
+    let t = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("{what} took over {timeout:?}; killed");
+            return Ok((t.elapsed().as_secs_f64(), true));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        status.success(),
+        "{what} failed ({status}); log:\n{}",
+        tail(log, 20)
+    );
+    Ok((secs, false))
+}
+
+/// Sum of every series of `name` in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let v = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = v {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// The edge's fetch counters after a step (from its `/metrics`; `None`
+/// when the scrape or the series is missing).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EdgeMetrics {
+    /// `cairn_nbd_fetched_bytes_total` (all exports): chunk bytes fetched
+    /// on demand.
+    pub nbd_fetched_bytes: Option<u64>,
+    /// `cairn_nbd_fetched_chunks_total`.
+    pub nbd_fetched_chunks: Option<u64>,
+    /// `cairn_transport_peer_bytes_in_total` (all peers): bytes received
+    /// over the transport.
+    pub transport_bytes_in: Option<u64>,
+    /// `cairn_nbd_demand_fetch_seconds_count`: reads that waited for a
+    /// demand fetch.
+    pub stalled_reads: Option<u64>,
+    /// `cairn_nbd_demand_fetch_seconds_sum`: seconds they waited in all.
+    pub stall_secs: Option<f64>,
+}
+
+fn edge_metrics(wan: &Wan) -> EdgeMetrics {
+    let url = format!("http://127.0.0.1:{CAIRN_API_PORT}/metrics");
+    let Ok(out) = wan.run_in("edge", "curl", ["-sf", "--max-time", "10", url.as_str()]) else {
+        return EdgeMetrics::default();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |n: &str| metric_sum(&text, n).map(|v| v as u64);
+    EdgeMetrics {
+        nbd_fetched_bytes: get("cairn_nbd_fetched_bytes_total"),
+        nbd_fetched_chunks: get("cairn_nbd_fetched_chunks_total"),
+        transport_bytes_in: get("cairn_transport_peer_bytes_in_total"),
+        stalled_reads: get("cairn_nbd_demand_fetch_seconds_count"),
+        stall_secs: metric_sum(&text, "cairn_nbd_demand_fetch_seconds_sum"),
+    }
+}
+
+fn link_bytes(wan: &Wan) -> Result<(u64, u64, u64)> {
+    let ce = wan.stats("core", "edge")?;
+    let ec = wan.stats("edge", "core")?;
+    Ok((
+        ce.delivered_bytes,
+        ec.delivered_bytes,
+        ce.dropped_loss + ce.dropped_queue,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------
+
+/// The timed steps of one repetition.
+pub const STEPS: &[(&str, &str)] = &[
+    (
+        "copy-full",
+        "copy-first: nbdcopy from qemu-nbd at the core to a local file at the edge",
+    ),
+    (
+        "copy-trace",
+        "copy-first: trace replay (qemu-io) against the local copy",
+    ),
+    (
+        "cairn-full",
+        "cairn: nbdcopy of the edge's lazy export to /dev/null (fresh edge)",
+    ),
+    (
+        "cairn-trace",
+        "cairn: trace replay (qemu-io) against the edge's lazy export (fresh edge)",
+    ),
+];
+
+/// One timed step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// Which (see [`STEPS`]).
+    pub what: String,
+    /// Repetition (0-based).
+    pub rep: usize,
+    /// Wall seconds (the timeout if it timed out: a lower bound).
+    pub secs: f64,
+    /// Killed at the timeout.
+    pub timed_out: bool,
+    /// IP bytes the link delivered core→edge during the step.
+    pub wan_bytes_core_to_edge: u64,
+    /// IP bytes edge→core.
+    pub wan_bytes_edge_to_core: u64,
+    /// Packets dropped core→edge (loss + queue).
+    pub dropped_core_to_edge: u64,
+    /// The edge's counters after the step (cairn steps only).
+    pub edge: Option<EdgeMetrics>,
+    /// Warning lines of the Cairn nodes' logs.
+    pub log_problems: Vec<String>,
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmNbdReport {
+    /// What ran.
+    pub config: VmNbdConfig,
+    /// Tool versions.
+    pub tools: VmTools,
+    /// The image.
+    pub image: VmImageMeta,
+    /// The trace (summary; the reads are in `trace.reads`).
+    pub trace: Trace,
+    /// `cairn image import` at the core (loopback), seconds.
+    pub import_secs: f64,
+    /// Every step, in run order.
+    pub steps: Vec<Step>,
+}
+
+impl VmNbdReport {
+    fn step(&self, what: &str, rep: usize) -> Option<&Step> {
+        self.steps.iter().find(|s| s.what == what && s.rep == rep)
+    }
+    /// Seconds of a step over the reps.
+    pub fn secs(&self, what: &str) -> Vec<f64> {
+        self.steps
+            .iter()
+            .filter(|s| s.what == what)
+            .map(|s| s.secs)
+            .collect()
+    }
+    /// Per rep: cairn full read / copy-first full copy.
+    pub fn ratios_full(&self) -> Vec<f64> {
+        (0..self.config.reps)
+            .filter_map(|r| {
+                Some(self.step("cairn-full", r)?.secs / self.step("copy-full", r)?.secs)
+            })
+            .collect()
+    }
+    /// Per rep: cairn trace replay / (copy-first full copy + local replay).
+    pub fn ratios_trace(&self) -> Vec<f64> {
+        (0..self.config.reps)
+            .filter_map(|r| {
+                let copy = self.step("copy-full", r)?.secs + self.step("copy-trace", r)?.secs;
+                Some(self.step("cairn-trace", r)?.secs / copy)
+            })
+            .collect()
+    }
+    /// Per rep: copy-first full + local replay, seconds.
+    pub fn copy_first_trace_secs(&self) -> Vec<f64> {
+        (0..self.config.reps)
+            .filter_map(|r| {
+                Some(self.step("copy-full", r)?.secs + self.step("copy-trace", r)?.secs)
+            })
+            .collect()
+    }
+    /// Median WAN bytes core→edge of a step.
+    pub fn wan_bytes(&self, what: &str) -> f64 {
+        let v: Vec<f64> = self
+            .steps
+            .iter()
+            .filter(|s| s.what == what)
+            .map(|s| s.wan_bytes_core_to_edge as f64)
+            .collect();
+        Stats::of(&v).median
+    }
+
+    /// The Markdown section (no header, no link check).
+    pub fn to_markdown(&self) -> String {
+        let img = &self.image;
+        let tr = &self.trace;
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "Link core↔edge: {} (both directions). Cairn nodes: `--congestion {}`. \
+             Image: raw ext4, **{} MiB** ({} bytes; {} 4 KiB blocks hold data = {:.1} MiB), \
+             {} files, {:.1} MiB of real files from {}; sha256 `{}`. \
+             Import at the core (loopback): {:.2} s.\n",
+            short_spec(&self.config.spec),
+            self.config.congestion,
+            img.bytes / MIB,
+            img.bytes,
+            img.data_blocks,
+            (img.data_blocks * BLOCK) as f64 / MIB as f64,
+            img.files,
+            img.file_bytes as f64 / MIB as f64,
+            img.sources.join(", "),
+            img.sha256,
+            self.import_secs,
+        );
+        let _ = writeln!(
+            md,
+            "Trace (seed {}): {} reads, {} distinct 4 KiB blocks = {:.2}% of the image's {} \
+             ({:.1} MiB; {} in the head of the image (first 1/8: metadata, directories, small files), {} file extents), {:.1} MiB read in all, \
+             {} ms of think time.\n",
+            tr.seed,
+            tr.reads.len(),
+            tr.distinct_blocks,
+            tr.distinct_blocks as f64 * 100.0 / tr.image_blocks as f64,
+            tr.image_blocks,
+            (tr.distinct_blocks * BLOCK) as f64 / MIB as f64,
+            tr.metadata_blocks,
+            tr.extents,
+            tr.bytes() as f64 / MIB as f64,
+            tr.think_ms(),
+        );
+        let _ = writeln!(
+            md,
+            "Tools: {}. Timeout per step {} s (a timed-out step counts as the timeout: a lower bound).\n",
+            self.tools
+                .versions
+                .iter()
+                .map(|(k, v)| format!("{k} `{v}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.config.timeout.as_secs()
+        );
+        let rf = Stats::of(&self.ratios_full());
+        let rt = Stats::of(&self.ratios_trace());
+        let _ = writeln!(
+            md,
+            "| ratio (per rep, lower is better for cairn) | min | median | max |\n|---|---|---|---|\n\
+             | (a) full read: cairn lazy nbdcopy / copy-first full copy | {:.2} | **{:.2}** | {:.2} |\n\
+             | (b) boot-like trace: cairn lazy replay / (copy-first full copy + local replay) | {:.3} | **{:.3}** | {:.3} |\n",
+            rf.min, rf.median, rf.max, rt.min, rt.median, rt.max
+        );
+        md.push_str(
+            "| step | reps | seconds min / median / max | WAN MiB core→edge (median) | edge fetched MiB (median, /metrics) |\n|---|---|---|---|---|\n",
+        );
+        for &(what, d) in STEPS {
+            let s = Stats::of(&self.secs(what));
+            let fetched: Vec<f64> = self
+                .steps
+                .iter()
+                .filter(|x| x.what == what)
+                .filter_map(|x| x.edge?.nbd_fetched_bytes)
+                .map(|b| b as f64)
+                .collect();
+            let timeouts = self
+                .steps
+                .iter()
+                .filter(|x| x.what == what && x.timed_out)
+                .count();
+            let _ = writeln!(
+                md,
+                "| **{what}**: {d} | {}{} | {:.2} / **{:.2}** / {:.2} | {:.2} | {} |",
+                self.secs(what).len(),
+                if timeouts > 0 {
+                    format!(" ({timeouts} TIMED OUT)")
+                } else {
+                    String::new()
+                },
+                s.min,
+                s.median,
+                s.max,
+                self.wan_bytes(what) / MIB as f64,
+                if fetched.is_empty() {
+                    "—".to_owned()
+                } else {
+                    format!("{:.2}", Stats::of(&fetched).median / MIB as f64)
+                }
+            );
+        }
+        let cf = Stats::of(&self.copy_first_trace_secs());
+        let _ = writeln!(
+            md,
+            "| copy-first total for (b): copy-full + copy-trace | {} | {:.2} / **{:.2}** / {:.2} | — | — |\n",
+            self.copy_first_trace_secs().len(),
+            cf.min,
+            cf.median,
+            cf.max
+        );
+        let trace_wan = self.wan_bytes("cairn-trace");
+        let full_wan = self.wan_bytes("copy-full");
+        let _ = writeln!(
+            md,
+            "- **(a) full read: cairn / copy-first = {:.2}×** (median of per-rep ratios).\n\
+             - **(b) boot-like trace: cairn / copy-first = {:.3}×**; the lazy replay moved {:.2} MiB core→edge \
+             ({:.1}% of the copy-first transfer's {:.1} MiB) for {:.2} MiB of distinct blocks read.\n",
+            rf.median,
+            rt.median,
+            trace_wan / MIB as f64,
+            trace_wan * 100.0 / full_wan,
+            full_wan / MIB as f64,
+            (tr.distinct_blocks * BLOCK) as f64 / MIB as f64,
+        );
+        for what in ["cairn-full", "cairn-trace"] {
+            let per: Vec<f64> = self
+                .steps
+                .iter()
+                .filter(|x| x.what == what && x.secs > 0.0)
+                .filter_map(|x| Some(x.edge?.stall_secs? / x.secs))
+                .collect();
+            if !per.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "- {what}: the reads' waits for demand fetches sum to **{:.2}×** the step's wall time (median; \
+                     ≈ 1 means the fetches did not overlap: one at a time, latency-bound).",
+                    Stats::of(&per).median
+                );
+            }
+        }
+        md.push('\n');
+        md.push_str("Per step (in run order; the edge columns are its `/metrics` after the step):\n\n| rep | step | seconds | WAN MiB core→edge | edge→core MiB | dropped core→edge, pkts | edge nbd fetched MiB (chunks) | edge transport in MiB | reads that waited for a fetch, mean wait ms |\n|---|---|---|---|---|---|---|---|---|\n");
+        let mib = |v: Option<u64>| {
+            v.map_or("—".to_owned(), |b| {
+                format!("{:.2}", b as f64 / MIB as f64)
+            })
+        };
+        for s in &self.steps {
+            let e = s.edge.unwrap_or_default();
+            let stalls = match (e.stalled_reads, e.stall_secs) {
+                (Some(n), Some(t)) if n > 0 => format!("{n}, {:.1}", t * 1e3 / n as f64),
+                (Some(n), _) => n.to_string(),
+                _ => "—".to_owned(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {}{:.2} | {:.2} | {:.2} | {} | {}{} | {} | {} |",
+                s.rep + 1,
+                s.what,
+                if s.timed_out { "TIMED OUT ≥ " } else { "" },
+                s.secs,
+                s.wan_bytes_core_to_edge as f64 / MIB as f64,
+                s.wan_bytes_edge_to_core as f64 / MIB as f64,
+                s.dropped_core_to_edge,
+                mib(e.nbd_fetched_bytes),
+                e.nbd_fetched_chunks
+                    .map_or(String::new(), |c| format!(" ({c})")),
+                mib(e.transport_bytes_in),
+                stalls,
+            );
+        }
+        let problems: Vec<String> = self
+            .steps
+            .iter()
+            .flat_map(|s| {
+                s.log_problems
+                    .iter()
+                    .map(move |l| format!("{} rep {}: {l}", s.what, s.rep + 1))
+            })
+            .take(10)
+            .collect();
+        if !problems.is_empty() {
+            md.push_str("\nCairn log lines at warning level or worse (first 10):\n\n");
+            for l in problems {
+                let _ = writeln!(md, "- `{}`", l.replace('`', "'"));
+            }
+        }
+        md
+    }
+}
+
+/// Runs the scenario on a fresh WAN (progress on stderr). A step that
+/// outlives the timeout is killed and recorded as timed out; any other
+/// failure (a server that does not start, a failed tool, wrong bytes) is an
+/// error. Servers, namespaces and the work dir are gone when it returns.
+pub fn run_vm_nbd(cfg: &VmNbdConfig) -> Result<VmNbdReport> {
+    let tools = VmTools::find(&cfg.cairn)?;
+    ensure!(
+        cfg.congestion == "cubic" || cfg.congestion == "bbr",
+        "--congestion must be cubic or bbr"
+    );
+    let (disk, img) = vm_image(&cfg.tmp, cfg.image_bytes, cfg.file_bytes)?;
+    let data = nonzero_blocks(&disk)?;
+    let trace = boot_trace(img.bytes / BLOCK, &data, cfg.trace_fraction, cfg.trace_seed);
+    eprintln!(
+        "image {} MiB ({:.1} MiB data); trace {} reads, {} distinct blocks ({:.2}%)",
+        img.bytes / MIB,
+        (img.data_blocks * BLOCK) as f64 / MIB as f64,
+        trace.reads.len(),
+        trace.distinct_blocks,
+        trace.distinct_blocks as f64 * 100.0 / trace.image_blocks as f64
+    );
+    let work = cfg
+        .tmp
+        .join(format!("cairn-wan-vmnbd-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let result = run_in_work(cfg, &tools, &disk, &img, trace, &work);
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+fn run_in_work(
+    cfg: &VmNbdConfig,
+    tools: &VmTools,
+    disk: &Path,
+    img: &VmImageMeta,
+    trace: Trace,
+    work: &Path,
+) -> Result<VmNbdReport> {
+    let (ca, wan) = crate::scenario::core_edge(&cfg.cairn, work, cfg.seed, cfg.spec)?;
+    let core_ip = wan.addr("core")?;
+    let core = cairn_node(&wan, cfg, "core", &ca, &work.join("core"), None)?;
+    // Import inside the core namespace (loopback; never crosses the link).
+    let before = link_bytes(&wan)?;
+    let mut imp = wan.command("core", &cfg.cairn)?;
+    imp.args(["image", "import", IMAGE_NAME])
+        .arg(disk)
+        .args(["--api", &format!("http://127.0.0.1:{CAIRN_API_PORT}")]);
+    let (import_secs, to) = timed(
+        imp,
+        &work.join("import.log"),
+        cfg.timeout,
+        "cairn image import",
+    )?;
+    ensure!(!to, "the import timed out");
+    ensure!(link_bytes(&wan)? == before, "the import crossed the link");
+    eprintln!("imported at the core: {import_secs:.2} s");
+    // The copy-first source: qemu-nbd serving the raw file at the core.
+    let qlog = work.join("qemu-nbd.log");
+    let mut q = wan.command("core", "qemu-nbd")?;
+    q.args(["-r", "-t", "-f", "raw", "-e", "8", "-x", "img", "-b"])
+        .arg(core_ip.to_string())
+        .args(["-p", &QEMU_NBD_PORT.to_string()])
+        .arg(disk);
+    let _qemu_nbd = spawn_logged(&wan, q, &qlog)?;
+    wait_listening(&wan, "core", QEMU_NBD_PORT, &qlog, "qemu-nbd")?;
+    let parent = format!("core@{core_ip}:{CAIRN_QUIC_PORT}");
+    let export = format!("nbd://127.0.0.1:{CAIRN_NBD_PORT}/image/{IMAGE_NAME}");
+    let qemu_io_args = trace.qemu_io_args();
+    let mut steps = Vec::new();
+    for rep in 0..cfg.reps {
+        let dir = work.join(format!("rep{rep}"));
+        fs::create_dir_all(&dir)?;
+        for &(what, _) in STEPS {
+            let edge_dir = dir.join(format!("edge-{what}"));
+            let edge = if what.starts_with("cairn") {
+                Some(cairn_node(
+                    &wan,
+                    cfg,
+                    "edge",
+                    &ca,
+                    &edge_dir,
+                    Some(&parent),
+                )?)
+            } else {
+                None
+            };
+            let local = dir.join("local.raw");
+            let cmd = match what {
+                "copy-full" => {
+                    let mut c = wan.command("edge", "nbdcopy")?;
+                    c.arg(format!("nbd://{core_ip}:{QEMU_NBD_PORT}/img"))
+                        .arg(&local);
+                    c
+                }
+                "copy-trace" => {
+                    let mut c = wan.command("edge", "qemu-io")?;
+                    c.args(["-r", "-f", "raw"]).args(&qemu_io_args).arg(&local);
+                    c
+                }
+                "cairn-full" => {
+                    let mut c = wan.command("edge", "nbdcopy")?;
+                    c.arg(&export).arg("/dev/null");
+                    c
+                }
+                _ => {
+                    let mut c = wan.command("edge", "qemu-io")?;
+                    c.args(["-r", "-f", "raw"]).args(&qemu_io_args).arg(&export);
+                    c
+                }
+            };
+            if what == "copy-full" {
+                // nbdcopy writes into an existing file.
+                fs::File::create(&local)?;
+            }
+            let before = link_bytes(&wan)?;
+            let (secs, timed_out) = timed(cmd, &dir.join(format!("{what}.log")), cfg.timeout, what)
+                .with_context(|| format!("{what} rep {}", rep + 1))?;
+            let after = link_bytes(&wan)?;
+            let metrics = edge.as_ref().map(|_| edge_metrics(&wan));
+            let fetched = metrics.and_then(|m| m.nbd_fetched_bytes);
+            // Verification, untimed.
+            if !timed_out {
+                match what {
+                    "copy-full" => {
+                        run_checked(Command::new("cmp").arg(disk).arg(&local), "cmp")
+                            .context("WRONG BYTES: the copy-first copy differs")?;
+                    }
+                    "cairn-full" => {
+                        let mut c = wan.command("edge", "qemu-img")?;
+                        c.args(["compare", "-q", "-f", "raw", "-F", "raw"])
+                            .arg(disk)
+                            .arg(&export);
+                        run_checked(&mut c, "qemu-img compare")
+                            .context("WRONG BYTES: the edge export differs from the image")?;
+                    }
+                    _ => {}
+                }
+            }
+            let mut problems = edge.as_ref().map(Node::log_problems).unwrap_or_default();
+            if edge.is_some() {
+                problems.extend(core.log_problems());
+            }
+            let s = Step {
+                what: what.to_owned(),
+                rep,
+                secs,
+                timed_out,
+                wan_bytes_core_to_edge: after.0 - before.0,
+                wan_bytes_edge_to_core: after.1 - before.1,
+                dropped_core_to_edge: after.2 - before.2,
+                edge: metrics,
+                log_problems: problems,
+            };
+            eprintln!(
+                "rep {} {what:<11} {secs:>7.2} s  WAN {:.2} MiB{}{}",
+                rep + 1,
+                s.wan_bytes_core_to_edge as f64 / MIB as f64,
+                fetched.map_or(String::new(), |b| format!(
+                    "  fetched {:.2} MiB",
+                    b as f64 / MIB as f64
+                )),
+                if timed_out { "  TIMED OUT" } else { "" }
+            );
+            steps.push(s);
+            drop(edge);
+            let _ = fs::remove_dir_all(&edge_dir);
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+    drop(core);
+    drop(wan);
+    Ok(VmNbdReport {
+        config: cfg.clone(),
+        tools: tools.clone(),
+        image: img.clone(),
+        trace,
+        import_secs,
+        steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_is_deterministic_and_sized() {
+        let blocks = 65_536;
+        let data: Vec<u64> = (0..blocks).filter(|b| b % 7 != 3).collect();
+        let a = boot_trace(blocks, &data, 0.03, 42);
+        let b = boot_trace(blocks, &data, 0.03, 42);
+        assert_eq!(a.reads, b.reads);
+        let pct = a.distinct_blocks as f64 / blocks as f64;
+        assert!((0.029..0.036).contains(&pct), "{pct}");
+        assert!(a.metadata_blocks * 2 >= a.distinct_blocks, "{a:?}");
+        assert_eq!(a.reads[0].offset, 0);
+        assert!(a
+            .reads
+            .iter()
+            .all(|r| r.think_ms <= 2 && r.len <= 128 << 10));
+        assert!(a.reads.iter().all(|r| r.offset + r.len <= blocks * BLOCK));
+        assert_ne!(boot_trace(blocks, &data, 0.03, 43).reads, a.reads);
+    }
+
+    #[test]
+    fn metric_sum_adds_series() {
+        let t = "# HELP x\ncairn_nbd_fetched_bytes_total{export=\"a\"} 10\n\
+                 cairn_nbd_fetched_bytes_total{export=\"b\"} 5\ncairn_nbd_fetched_bytes_totalx 7\n";
+        assert_eq!(metric_sum(t, "cairn_nbd_fetched_bytes_total"), Some(15.0));
+        assert_eq!(metric_sum(t, "nope"), None);
+    }
+}
