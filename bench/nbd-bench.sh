@@ -245,14 +245,17 @@ if [ "$WRITE" = 1 ]; then
     NBDKIT_W_PID=$!
     "$BIN" volume create wbench --size "$SIZE" --api "http://127.0.0.1:$P_API" >"$WORK/vol.out" 2>&1 \
         || { cat "$WORK/vol.out" >&2; exit 1; }
+    "$BIN" volume create wbench4k --size "$SIZE" --block-size 4K --api "http://127.0.0.1:$P_API" \
+        >>"$WORK/vol.out" 2>&1 || { cat "$WORK/vol.out" >&2; exit 1; }
     declare -A WURI=(
         [qemu-nbd]="nbd://127.0.0.1:$P_QEMU_W/w"
         [nbdkit]="nbd://127.0.0.1:$P_NBDKIT_W/w"
         [cairn]="nbd://127.0.0.1:$P_CNBD/volume/wbench"
+        [cairn-4k]="nbd://127.0.0.1:$P_CNBD/volume/wbench4k"
     )
     wait_nbd "${WURI[qemu-nbd]}" "$QEMU_W_PID"
     wait_nbd "${WURI[nbdkit]}" "$NBDKIT_W_PID"
-    for s in "${SERVERS[@]}"; do
+    for s in "${SERVERS[@]}" cairn-4k; do
         for r in $(seq "$FIO_REPS"); do
             j=$WORK/fio-write-$s-$r.json
             fio --name=w --ioengine=nbd --uri="${WURI[$s]}" --rw=randwrite --bs=4k --iodepth=16 \
@@ -286,7 +289,7 @@ rows = [l.rstrip("\n").split("\t") for l in open(E["RES"]) if l.strip()]
 data = {}
 for p, s, m, r, v in rows:
     data.setdefault(p, {}).setdefault(s, {}).setdefault(m, []).append(float(v))
-servers = ["qemu-nbd", "nbdkit", "cairn"]
+servers = ["qemu-nbd", "nbdkit", "cairn", "cairn-4k"]
 summary = {}
 for p, d in data.items():
     summary[p] = {}
@@ -307,6 +310,11 @@ def ratio(p, metric, other):
 ratios = {p: {f"cairn/{o}": {"seq": ratio(p, "seq_MBps_median", o),
                              "iops": ratio(p, "iops_median", o)}
               for o in ("qemu-nbd", "nbdkit")} for p in summary}
+if "write" in summary and "cairn-4k" in summary["write"]:
+    a = summary["write"]["cairn-4k"]["iops_median"]
+    for o in ("qemu-nbd", "nbdkit"):
+        b = summary["write"].get(o, {}).get("iops_median")
+        ratios["write"][f"cairn-4k/{o}"] = {"seq": None, "iops": a / b if a and b else None}
 target = {}
 if "warm" in ratios:
     rq = ratios["warm"]["cairn/qemu-nbd"]
@@ -378,7 +386,8 @@ if "write" in summary:
     L.append("## Writes (context, no target)\n")
     L.append(f"`fio --name=w --ioengine=nbd --uri=URI --rw=randwrite --bs=4k --iodepth=16 --runtime={E['FIO_RUNTIME']} "
              "--time_based --end_fsync=1` on a fresh 1 GiB target each: qemu-nbd and nbdkit (writable) on a new "
-             "sparse raw file, cairn on a new empty volume (`cairn volume create wbench --size 1G`).\n")
+             "sparse raw file, cairn on a new empty volume (`cairn volume create wbench --size 1G`, 64 KiB blocks), "
+             "cairn-4k on one made with `--block-size 4K`.\n")
     L.append("| server | fio reps (IOPS) | IOPS median |")
     L.append("|---|---|---|")
     for s in servers:
@@ -386,9 +395,11 @@ if "write" in summary:
         if not d: continue
         L.append(f"| {s} | {', '.join(f(x) for x in d['iops'])} | **{f(d['iops_median'])}** |")
     L.append("")
-    for o in ("qemu-nbd", "nbdkit"):
-        r = ratios["write"][f"cairn/{o}"]
-        L.append(f"- cairn / {o}: {f(r['iops'], 2)}x")
+    for c in ("cairn", "cairn-4k"):
+        for o in ("qemu-nbd", "nbdkit"):
+            r = ratios["write"].get(f"{c}/{o}")
+            if r:
+                L.append(f"- {c} / {o}: {f(r['iops'], 2)}x")
     L.append("")
 if target:
     L.append("## Target (issue 4/8): warm, cairn >= 1.0x qemu-nbd\n")

@@ -40,6 +40,11 @@ enum VolumeCmd {
         /// multiple of 512 bytes.
         #[arg(long, value_parser = crate::size::parse_size)]
         size: Option<u64>,
+        /// Copy-on-write block size, a power of two from 4K to 1M (default
+        /// 64K). Smaller blocks make small random writes cheaper; the
+        /// volume's recipe, rewritten at every flush, grows with them.
+        #[arg(long, value_parser = crate::size::parse_size)]
+        block_size: Option<u64>,
     },
     /// List volumes.
     Ls,
@@ -75,9 +80,16 @@ async fn run_async(args: VolumeArgs) -> anyhow::Result<()> {
     let c = client()?;
     let reach = || format!("cannot reach the node's API at {api}");
     let body = match &args.cmd {
-        VolumeCmd::Create { name, from, size } => {
+        VolumeCmd::Create {
+            name,
+            from,
+            size,
+            block_size,
+        } => {
             cairn_node::vm::validate_name(name)?;
-            let req = serde_json::json!({ "name": name, "from": from, "size": size });
+            let req = serde_json::json!({
+                "name": name, "from": from, "size": size, "block_size": block_size
+            });
             answer(
                 c.post(url(api, ""))
                     .json(&req)

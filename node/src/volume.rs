@@ -68,6 +68,10 @@ pub const META_PREFIX: &str = "volmeta/";
 pub const EXPORT_PREFIX: &str = "volume/";
 /// Default block size: the copy-on-write unit.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+/// Smallest block size a volume may have.
+pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
+/// Largest block size a volume may have.
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Largest volume (a flush rewrites the recipe; see the module docs).
 pub const MAX_VOLUME_BYTES: u64 = 16 << 30;
 /// Dirty bytes held in memory per volume before a write flushes them.
@@ -335,13 +339,26 @@ impl Volumes {
     /// Create volume `name`: a copy-on-write overlay of image `from`
     /// (`size` defaults to the image's and may only grow it), or, without
     /// `from`, `size` bytes of zeroes.
+    ///
+    /// `block_size` (default [`DEFAULT_BLOCK_SIZE`]) is the copy-on-write
+    /// unit: a power of two from 4 KiB to 1 MiB. Small blocks make small
+    /// random writes cheaper (a 4 KiB write dirties one block) at the price
+    /// of a longer recipe, which a flush rewrites.
     pub async fn create(
         &self,
         name: &str,
         from: Option<&str>,
         size: Option<u64>,
+        block_size: Option<u32>,
     ) -> Result<VolumeEntry, VolumeError> {
         validate_name(name)?;
+        let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(VolumeError::BadSize(format!(
+                "block size {block_size}: must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+            )));
+        }
         let _admin = self.inner.admin.lock().await;
         let store = self.inner.store.clone();
         let pin = pin_key(name);
@@ -385,7 +402,7 @@ impl Volumes {
                 from.unwrap_or_default()
             )));
         }
-        let bs = u64::from(DEFAULT_BLOCK_SIZE);
+        let bs = u64::from(block_size);
         let mut zeroes: HashMap<u64, VerifiedChunk> = HashMap::new();
         let mut pos = base_len;
         while pos < size {
@@ -400,7 +417,7 @@ impl Volumes {
         let meta = VolumeMeta {
             name: name.to_owned(),
             size,
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size,
             base_image: base.as_ref().map(|b| b.0.clone()),
             base_object: base.as_ref().map(|b| b.1.to_string()),
             created: now_secs(),
@@ -1047,6 +1064,7 @@ struct CreateBody {
     name: String,
     from: Option<String>,
     size: Option<u64>,
+    block_size: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1075,7 +1093,9 @@ async fn create_handler(
     State(v): State<Volumes>,
     Json(b): Json<CreateBody>,
 ) -> Result<Response, VolumeError> {
-    let e = v.create(&b.name, b.from.as_deref(), b.size).await?;
+    let e = v
+        .create(&b.name, b.from.as_deref(), b.size, b.block_size)
+        .await?;
     Ok((StatusCode::CREATED, Json(e)).into_response())
 }
 

@@ -108,6 +108,12 @@ async fn volume_api_refuses_bad_input_and_qemu_io_round_trips() {
         (json!({"name": "v", "size": 0}), 400),
         (json!({"name": "v", "size": 32u64 << 30}), 400),
         (json!({"name": "v", "from": "nope"}), 404),
+        (json!({"name": "v", "size": MIB, "block_size": 3000}), 400),
+        (json!({"name": "v", "size": MIB, "block_size": 2048}), 400),
+        (
+            json!({"name": "v", "size": MIB, "block_size": 2 << 20}),
+            400,
+        ),
     ] {
         let (s, v) = create(&node, body.clone()).await;
         assert_eq!(s, status, "{body}: {v}");
@@ -612,5 +618,49 @@ async fn zeroing_a_whole_large_volume_is_cheap_and_reads_back_zeroes() {
     let map = run_ok("nbdinfo", &["--map", &uri(&node, "volume/big")]).await;
     assert_eq!(map.lines().count(), 1, "all one hole: {map}");
     assert!(map.contains("hole,zero"), "{map}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_block_volumes_copy_on_write_in_4k_units() {
+    if !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let c = Cluster::new();
+    let node = c.node("solo", vec![]).await;
+    let src = disk_image((4 * MIB) as usize, 9);
+    import(&node, "img", &src).await;
+    let (s, v) = create(
+        &node,
+        json!({"name": "s", "from": "img", "size": 8 * MIB, "block_size": 4096}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["block_size"], 4096);
+    qemu_io(
+        &node,
+        "volume/s",
+        &[
+            "write -P 0x61 4096 4096".into(),
+            "write -P 0x62 10000 3000".into(),
+            format!("write -P 0x63 {} 8k", 6 * MIB),
+            "flush".into(),
+        ],
+    )
+    .await;
+    let mut want = src.clone();
+    want.resize((8 * MIB) as usize, 0);
+    fill(&mut want, 4096, 4096, 0x61);
+    fill(&mut want, 10000, 3000, 0x62);
+    fill(&mut want, 6 * MIB, 8192, 0x63);
+    let got = copy_out(&node, "volume/s", &c.dir.path().join("s.raw")).await;
+    assert!(
+        got == want,
+        "4 KiB-block volume differs from what was written"
+    );
+    let m = metrics(&node).await;
+    // One block per aligned 4 KiB write, two for the write across a block
+    // boundary (10000..13000 lies in blocks 2 and 3), two for the 8 KiB.
+    assert_eq!(metric(&m, "cairn_volume_flushed_blocks_total"), 5.0, "{m}");
     node.shutdown().await;
 }
