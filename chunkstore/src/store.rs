@@ -994,13 +994,18 @@ impl Store {
 
     /// All names, sorted.
     pub fn names(&self) -> Result<Vec<(String, NameEntry)>> {
+        self.names_with_prefix("")
+    }
+
+    /// The names that start with `prefix`, sorted: one range scan of the
+    /// index, not a scan of every name.
+    pub fn names_with_prefix(&self, prefix: &str) -> Result<Vec<(String, NameEntry)>> {
         let mut out = Vec::new();
-        for kv in self
-            .inner
-            .db
-            .iterator_cf(self.cf(index::CF_NAMES), rocksdb::IteratorMode::Start)
-        {
+        for kv in self.prefix_iter(index::CF_NAMES, prefix) {
             let (k, v) = kv?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
             out.push((
                 String::from_utf8_lossy(&k).into_owned(),
                 NameEntry::decode(&k, &v)?,
@@ -1009,15 +1014,30 @@ impl Store {
         Ok(out)
     }
 
+    fn prefix_iter<'a>(
+        &'a self,
+        cf: &str,
+        prefix: &'a str,
+    ) -> rocksdb::DBIteratorWithThreadMode<'a, rocksdb::DB> {
+        self.inner.db.iterator_cf(
+            self.cf(cf),
+            rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+        )
+    }
+
     /// All pins, sorted by key.
     pub fn pins(&self) -> Result<Vec<(String, ObjectId)>> {
+        self.pins_with_prefix("")
+    }
+
+    /// The pins whose key starts with `prefix`, sorted (one range scan).
+    pub fn pins_with_prefix(&self, prefix: &str) -> Result<Vec<(String, ObjectId)>> {
         let mut out = Vec::new();
-        for kv in self
-            .inner
-            .db
-            .iterator_cf(self.cf(index::CF_PINS), rocksdb::IteratorMode::Start)
-        {
+        for kv in self.prefix_iter(index::CF_PINS, prefix) {
             let (k, v) = kv?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
             let id = ObjectId::from_slice(&v).ok_or_else(|| StoreError::BadEntry {
                 what: format!("pin {}", String::from_utf8_lossy(&k)),
                 why: "wrong length".into(),

@@ -665,3 +665,33 @@ fn random_reads_survive_compaction_of_batched_index_entries() {
         }
     }
 }
+
+#[test]
+fn prefix_scans_return_exactly_the_matching_names_and_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg(EngineKind::Psync)).unwrap();
+    let id = store
+        .put_bytes(b"x", &PutOptions::default())
+        .unwrap()
+        .object;
+    for n in ["a/1", "a/2", "a0", "b/1", "a"] {
+        store.set_name(n, &id).unwrap();
+        store.pin(n, &id).unwrap();
+    }
+    let names: Vec<String> = store
+        .names_with_prefix("a/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(names, ["a/1", "a/2"]);
+    let pins: Vec<String> = store
+        .pins_with_prefix("a/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(pins, ["a/1", "a/2"]);
+    assert!(store.names_with_prefix("c").unwrap().is_empty());
+    assert_eq!(store.names_with_prefix("").unwrap().len(), 5);
+}

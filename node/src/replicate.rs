@@ -254,10 +254,8 @@ impl Replicator {
     fn pending(&self) -> Result<Pending, StoreError> {
         let mut out: Pending = BTreeMap::new();
         let mut n = 0;
-        for (name, e) in self.inner.store.names()? {
-            let Some(rest) = name.strip_prefix(OUTBOX_PREFIX) else {
-                continue;
-            };
+        for (name, e) in self.inner.store.names_with_prefix(OUTBOX_PREFIX)? {
+            let rest = &name[OUTBOX_PREFIX.len()..];
             let site = rest.split('/').next().unwrap_or("").to_owned();
             let h = self.inner.store.open_object(&e.object)?;
             if h.len() > MAX_ENTRY_BYTES {

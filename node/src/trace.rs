@@ -130,12 +130,12 @@ pub fn save(store: &Store, object: &ObjectId, entries: &[TraceEntry]) -> Result<
         return Ok(());
     }
     let p = prefix(object);
-    let mut names: Vec<String> = store
-        .names()?
+    // Sorted by the store; sequence numbers are zero-padded.
+    let names: Vec<String> = store
+        .names_with_prefix(&p)?
         .into_iter()
-        .filter_map(|(k, _)| k.starts_with(&p).then_some(k))
+        .map(|(k, _)| k)
         .collect();
-    names.sort();
     let next = names
         .last()
         .and_then(|n| n[p.len()..].parse::<u64>().ok())
@@ -179,14 +179,8 @@ pub fn save_on_close(store: std::sync::Arc<Store>, object: ObjectId, entries: Ve
 pub fn load(store: &Store, object: &ObjectId) -> Result<Vec<Vec<TraceEntry>>, StoreError> {
     let p = prefix(object);
     let mut out = Vec::new();
-    let mut names: Vec<(String, ObjectId)> = store
-        .names()?
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(&p))
-        .map(|(k, e)| (k, e.object))
-        .collect();
-    names.sort();
-    for (_, id) in names {
+    for (_, e) in store.names_with_prefix(&p)? {
+        let id = e.object;
         let h = store.open_object(&id)?;
         if h.len() > 64 << 20 {
             continue;

@@ -572,10 +572,8 @@ impl VmImages {
         let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<ImageEntry>, VmError> {
             let mut out = Vec::new();
-            for (key, e) in store.names()? {
-                let Some(name) = key.strip_prefix(IMAGE_PREFIX) else {
-                    continue;
-                };
+            for (key, e) in store.names_with_prefix(IMAGE_PREFIX)? {
+                let name = &key[IMAGE_PREFIX.len()..];
                 let recipe = match store.recipe(&e.object) {
                     Ok(r) => r,
                     Err(StoreError::NoSuchObject(_)) => continue,
@@ -717,16 +715,13 @@ impl ImageProvider {
 
 impl ExportProvider for ImageProvider {
     fn list(&self) -> Vec<String> {
-        // Called from the handshake; the name scan is a short RocksDB
-        // iteration.
+        // Called from the handshake: range scans of the image names and
+        // volume pins only.
         let store = &self.images.inner.store;
-        let mut out: Vec<String> = match store.names() {
+        let mut out: Vec<String> = match store.names_with_prefix(IMAGE_PREFIX) {
             Ok(names) => names
                 .into_iter()
-                .filter_map(|(k, _)| {
-                    k.strip_prefix(IMAGE_PREFIX)
-                        .map(|n| format!("{EXPORT_PREFIX}{n}"))
-                })
+                .map(|(k, _)| format!("{EXPORT_PREFIX}{}", &k[IMAGE_PREFIX.len()..]))
                 .collect(),
             Err(e) => {
                 warn!(error = %e, "cannot list VM images for NBD");
@@ -734,11 +729,12 @@ impl ExportProvider for ImageProvider {
             }
         };
         if self.volumes.is_some() {
-            match store.pins() {
-                Ok(pins) => out.extend(pins.into_iter().filter_map(|(k, _)| {
-                    k.strip_prefix(crate::volume::VOLUME_PREFIX)
-                        .map(|n| format!("{}{n}", crate::volume::EXPORT_PREFIX))
-                })),
+            use crate::volume::{EXPORT_PREFIX as VOL_EXPORT, VOLUME_PREFIX};
+            match store.pins_with_prefix(VOLUME_PREFIX) {
+                Ok(pins) => out.extend(
+                    pins.into_iter()
+                        .map(|(k, _)| format!("{VOL_EXPORT}{}", &k[VOLUME_PREFIX.len()..])),
+                ),
                 Err(e) => warn!(error = %e, "cannot list volumes for NBD"),
             }
         }

@@ -450,9 +450,9 @@ impl Volumes {
         let store = self.inner.store.clone();
         let names = blocking(move || {
             Ok(store
-                .pins()?
+                .pins_with_prefix(VOLUME_PREFIX)?
                 .into_iter()
-                .filter_map(|(k, _)| k.strip_prefix(VOLUME_PREFIX).map(str::to_owned))
+                .map(|(k, _)| k[VOLUME_PREFIX.len()..].to_owned())
                 .collect::<Vec<_>>())
         })
         .await?;
@@ -601,6 +601,7 @@ impl Volumes {
             v.flush_locked(&mut st).await?;
             st.handle.id()
         };
+        let size = v.meta.size;
         drop(v);
         let _admin = self.inner.admin.lock().await;
         let store = self.inner.store.clone();
@@ -619,7 +620,6 @@ impl Volumes {
             Ok(store.recipe(&object)?.chunks().len() as u64)
         })
         .await?;
-        let size = self.entry(name).await?.size;
         info!(volume = name, image, object = %object.fmt_short(), "volume snapshot");
         Ok(SnapshotResult {
             volume: name.to_owned(),

@@ -527,6 +527,24 @@ pub(crate) fn wait_listening(
     }
 }
 
+/// Wait (up to 30 s) for a `cairn node` logging to `log` to print its
+/// start line.
+pub(crate) fn wait_node_started(site: &str, log: &Path) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("cairn node ")) {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "cairn node in {site} printed no start line in 30 s; log:\n{}",
+            tail(log, 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub(crate) fn spawn_logged(wan: &Wan, mut cmd: Command, log: &Path) -> Result<ChildGuard> {
     let f = fs::File::create(log)?;
     cmd.stdout(f.try_clone()?).stderr(f);
@@ -606,19 +624,7 @@ fn cairn_node(
         cmd.arg("--parent").arg(p);
     }
     let guard = spawn_logged(wan, cmd, &log)?;
-    let t = Instant::now();
-    loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().any(|l| l.starts_with("cairn node ")) {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "cairn node in {site} printed no start line in 30 s; log:\n{}",
-            tail(&log, 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_node_started(site, &log)?;
     wait_listening(wan, site, CAIRN_REGISTRY_PORT + 2 * off, &log, "cairn node")?;
     let token = fs::read_to_string(data.join("registry-token"))
         .ok()

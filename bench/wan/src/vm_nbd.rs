@@ -578,19 +578,7 @@ fn cairn_node(
         cmd.arg("--parent").arg(p);
     }
     let guard = spawn_logged(wan, cmd, &log)?;
-    let t = Instant::now();
-    loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().any(|l| l.starts_with("cairn node ")) {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "cairn node in {site} printed no start line in 30 s; log:\n{}",
-            tail(&log, 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::scenario::wait_node_started(site, &log)?;
     wait_listening(wan, site, CAIRN_NBD_PORT, &log, "cairn node (NBD)")?;
     wait_listening(wan, site, CAIRN_API_PORT, &log, "cairn node (API)")?;
     Ok(Node { _guard: guard, log })
