@@ -1253,21 +1253,26 @@ async fn next_frame(
             Ok(None) => {}
             Err(e) => return Err(wire_failure(e)),
         }
-        let mut want = 1 << 20;
         if buf.len() >= 4 {
             // The decoder has already checked the length against MAX_FRAME.
             let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize + 4;
             if len > buf.len() {
-                want = len - buf.len();
-                buf.reserve(want);
+                buf.reserve(len - buf.len());
             }
         }
-        let chunk = tokio::time::timeout_at(deadline, recv.read_chunk(want, true))
+        // Many received pieces per call: one lock of the connection per
+        // batch of packets instead of per packet.
+        let mut pieces: [Bytes; 32] = std::array::from_fn(|_| Bytes::new());
+        let n = tokio::time::timeout_at(deadline, recv.read_chunks(&mut pieces))
             .await
             .map_err(|_| Failure::Timeout)?
             .map_err(|e| Failure::Link(e.to_string()))?;
-        match chunk {
-            Some(c) => buf.extend_from_slice(&c.bytes),
+        match n {
+            Some(n) => {
+                for p in &pieces[..n] {
+                    buf.extend_from_slice(p);
+                }
+            }
             None if buf.is_empty() => return Ok(None),
             None => return Err(wire_failure(WireError::Truncated(buf.len()))),
         }

@@ -43,6 +43,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// The chunk's bytes, or `None` when it is not here (or was found
     /// corrupt and moved aside).
     fn chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError>;
+    /// The chunk's bytes for a peer, which checks them itself (every
+    /// receiver verifies BLAKE3 before it stores or uses a chunk), so a
+    /// source may skip its own check here. Defaults to [`Self::chunk`].
+    fn chunk_for_peer(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
+        self.chunk(id)
+    }
     /// Whether the chunk is here.
     fn has(&self, id: &ChunkId) -> Result<bool, SourceError>;
     /// Look an object up by id, digest or name.
@@ -54,6 +60,19 @@ impl ChunkSource for Store {
         match self.read_chunk(id) {
             Ok(b) => Ok(Some(b)),
             // A corrupt chunk has been quarantined: for peers it is missing.
+            Err(StoreError::ChunkMissing(_)) | Err(StoreError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(SourceError(e.to_string())),
+        }
+    }
+
+    /// Without the BLAKE3 check of [`Store::read_chunk`]: the peer verifies
+    /// every chunk it receives, so hashing here too would only spend CPU
+    /// (a third of Cairn's own per-byte work when serving). A chunk that rotted
+    /// on our disk is rejected by the peer, which counts it against us and
+    /// fetches it elsewhere; our local readers still verify every read.
+    fn chunk_for_peer(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
+        match self.read_chunk_unverified(id) {
+            Ok(b) => Ok(Some(b)),
             Err(StoreError::ChunkMissing(_)) | Err(StoreError::Corrupt { .. }) => Ok(None),
             Err(e) => Err(SourceError(e.to_string())),
         }
@@ -537,6 +556,14 @@ impl ZstdProbe {
     }
 }
 
+/// Reads are handed from the blocking reader to the stream in groups of at
+/// most this many bytes (or [`SERVE_GROUP_CHUNKS`] chunks): one wake-up and
+/// one stream write per group instead of per chunk.
+const SERVE_GROUP_BYTES: usize = 512 * 1024;
+const SERVE_GROUP_CHUNKS: usize = 16;
+
+type ReadResult = (ChunkId, Result<Option<Bytes>, SourceError>);
+
 async fn serve_chunks(
     send: &mut quinn::SendStream,
     ids: Vec<ChunkId>,
@@ -544,64 +571,97 @@ async fn serve_chunks(
     peer: &str,
     ctx: &Ctx,
 ) -> Result<(), String> {
-    // Reads run on a blocking thread a few chunks ahead of the network.
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(ChunkId, Result<Option<Bytes>, SourceError>)>(4);
+    // Reads run on a blocking thread a group or two ahead of the network.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ReadResult>>(2);
     let source = ctx.source.clone();
     let reader = tokio::task::spawn_blocking(move || {
+        let mut group = Vec::with_capacity(SERVE_GROUP_CHUNKS);
+        let mut bytes = 0;
         for id in ids {
-            let r = source.chunk(&id);
-            if tx.blocking_send((id, r)).is_err() {
-                break;
+            let r = source.chunk_for_peer(&id);
+            let stop = r.is_err();
+            bytes += r
+                .as_ref()
+                .ok()
+                .and_then(|o| o.as_ref())
+                .map_or(0, |b| b.len());
+            group.push((id, r));
+            if stop || bytes >= SERVE_GROUP_BYTES || group.len() >= SERVE_GROUP_CHUNKS {
+                bytes = 0;
+                let full = std::mem::replace(&mut group, Vec::with_capacity(SERVE_GROUP_CHUNKS));
+                if tx.blocking_send(full).is_err() || stop {
+                    return;
+                }
             }
+        }
+        if !group.is_empty() {
+            let _ = tx.blocking_send(group);
         }
     });
     let bytes_out = ctx.metrics.bytes_out.with_label_values(&[peer]);
     let mut res = Ok(());
-    while let Some((id, r)) = rx.recv().await {
-        let data = match r {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                res = send_frames(send, &[Response::Missing { id }]).await;
-                if res.is_err() {
+    let mut bufs: Vec<Bytes> = Vec::with_capacity(2 * SERVE_GROUP_CHUNKS);
+    'groups: while let Some(group) = rx.recv().await {
+        bufs.clear();
+        let mut failed = None;
+        let (mut n_bytes, mut n_chunks) = (0u64, 0u64);
+        for (id, r) in group {
+            let data = match r {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    let mut out = BytesMut::new();
+                    wire::encode_response(&Response::Missing { id }, &mut out);
+                    bufs.push(out.freeze());
+                    continue;
+                }
+                Err(e) => {
+                    failed = Some(e);
                     break;
                 }
-                continue;
-            }
-            Err(e) => {
-                res = internal(send, e).await;
-                break;
-            }
-        };
-        let mut payload = data.clone();
-        let mut compressed = false;
-        if let Some(probe) = zstd.filter(|p| p.should_try()) {
-            match zstd::bulk::compress(&data, 1) {
-                Ok(c) if c.len() * 10 <= data.len() * 9 => {
-                    payload = Bytes::from(c);
-                    compressed = true;
-                    probe.record(true);
-                }
-                _ => probe.record(false),
-            }
+            };
+            let raw_len = data.len() as u32;
+            let (payload, compressed) = maybe_compress(data, zstd);
+            let header = wire::chunk_frame_header(&id, raw_len, compressed, payload.len());
+            n_bytes += payload.len() as u64;
+            n_chunks += 1;
+            bufs.push(Bytes::from(header));
+            bufs.push(payload);
         }
-        let header = wire::chunk_frame_header(&id, data.len() as u32, compressed, payload.len());
-        let n = payload.len() as u64;
-        if let Err(e) = send.write_all(&header).await {
-            res = Err(e.to_string());
+        if !bufs.is_empty() {
+            if let Err(e) = send.write_all_chunks(&mut bufs).await {
+                res = Err(e.to_string());
+                break 'groups;
+            }
+            bytes_out.inc_by(n_bytes);
+            ctx.metrics.chunks_served.inc_by(n_chunks);
+        }
+        if let Some(e) = failed {
+            res = internal(send, e).await;
             break;
         }
-        if let Err(e) = send.write_chunk(payload).await {
-            res = Err(e.to_string());
-            break;
-        }
-        bytes_out.inc_by(n);
-        ctx.metrics.chunks_served.inc();
     }
     drop(rx);
     let _ = reader.await;
     res?;
     send_frames(send, &[Response::End]).await
+}
+
+/// The chunk's wire payload: zstd when the probe says to try and it saves at
+/// least 10%, else the bytes as they are.
+fn maybe_compress(data: Bytes, zstd: Option<&ZstdProbe>) -> (Bytes, bool) {
+    let Some(probe) = zstd.filter(|p| p.should_try()) else {
+        return (data, false);
+    };
+    match zstd::bulk::compress(&data, 1) {
+        Ok(c) if c.len() * 10 <= data.len() * 9 => {
+            probe.record(true);
+            (Bytes::from(c), true)
+        }
+        _ => {
+            probe.record(false);
+            (data, false)
+        }
+    }
 }
 
 /// Log line for a started server.
