@@ -59,6 +59,7 @@
 //! cairn-wan up topology.toml      # keep a topology up until Ctrl-C
 //! cairn-wan clean                 # delete namespaces of dead runs
 //! cairn-wan scenario cold-pull    # scenario 1: cold image pull at an edge
+//! cairn-wan scenario image-update # scenario 2: image update v1 → v2 at an edge
 //! cairn-wan scenario vm-nbd       # scenario 3: a VM image at an edge over NBD
 //! ```
 //!
@@ -100,6 +101,7 @@
 //! * Loss is independent per packet (no Gilbert-Elliott bursts).
 
 pub mod check;
+pub mod image_update;
 pub mod model;
 pub mod scenario;
 pub mod sys;

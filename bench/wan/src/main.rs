@@ -1,6 +1,7 @@
 //! `cairn-wan`: check the link emulator against its settings, or keep a
 //! topology up. Needs root.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -46,6 +47,12 @@ enum ScenarioCmd {
     /// pull-through cache at the edge). Needs `cairn`, skopeo, umoci and
     /// docker-registry.
     ColdPull(ColdPullArgs),
+    /// Scenario 2: image update v1 → v2 at an edge that holds v1 (v2
+    /// changes every 20th file), Cairn edge ← core against skopeo straight
+    /// from docker-registry at the core and a docker-registry pull-through
+    /// cache at the edge: WAN bytes and time of the v2 pull. Needs `cairn`,
+    /// skopeo, umoci and docker-registry.
+    ImageUpdate(ImageUpdateArgs),
     /// Scenario 3: a VM image at an edge over NBD (a Cairn edge's lazy
     /// export ← Cairn core, against copying the raw image first with
     /// nbdcopy from qemu-nbd at the core): a full read and a boot-like
@@ -105,6 +112,66 @@ struct VmNbdArgs {
     #[arg(long, default_value_t = 5)]
     check_duration_s: u64,
     /// Directory for wan-scenario3-DATE.{md,json} (default bench/results;
+    /// with --quick nothing is written unless given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Suffix for the file names.
+    #[arg(long)]
+    suffix: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImageUpdateArgs {
+    /// Smoke run: small image (~8 MiB), one rep, no link self-check, no
+    /// files written unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// One-way delay in ms (RTT is twice this).
+    #[arg(long, default_value_t = 25.0)]
+    delay_ms: f64,
+    /// Rate in Mbit/s (IP bytes).
+    #[arg(long, default_value_t = 100.0)]
+    rate_mbit: f64,
+    /// Random loss in percent.
+    #[arg(long, default_value_t = 0.5)]
+    loss: f64,
+    /// Repetitions per contestant (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// MiB of real files in the image before compression (default 320; 8
+    /// with --quick).
+    #[arg(long)]
+    image_mib: Option<u64>,
+    /// Layers (default 4; 2 with --quick).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// v2 changes every N-th file by sorted path (20: 5% of the files).
+    #[arg(long, default_value_t = 20)]
+    change_every: usize,
+    /// Uncompressed tar layers (both versions) instead of gzip.
+    #[arg(long)]
+    uncompressed: bool,
+    /// The cairn binary (default: target/release/cairn of this workspace).
+    #[arg(long, env = "CAIRN_BIN")]
+    cairn: Option<PathBuf>,
+    /// Contestants in run order, comma-separated: cairn (node default
+    /// CUBIC), cairn-bbr (both Cairn nodes with --congestion bbr), direct,
+    /// proxy.
+    #[arg(long, value_delimiter = ',', default_value = "cairn-bbr,direct,proxy")]
+    contestants: Vec<String>,
+    /// Scratch root (image cache, work dirs).
+    #[arg(long, default_value = "/tmp")]
+    tmp: PathBuf,
+    /// Seconds allowed for one pull.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Skip the link self-check.
+    #[arg(long)]
+    skip_check: bool,
+    /// Seconds per iperf3 run of the self-check.
+    #[arg(long, default_value_t = 5)]
+    check_duration_s: u64,
+    /// Directory for wan-scenario2-DATE.{md,json} (default bench/results;
     /// with --quick nothing is written unless given).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -213,7 +280,6 @@ fn spec(delay_ms: f64, jitter_ms: f64, rate_mbit: f64, loss_pct: f64) -> Result<
     })
 }
 
-/// YYYY-MM-DD (UTC) from the system clock.
 /// This process's command line, as `cairn-wan ARGS`.
 fn command_line() -> String {
     std::iter::once("cairn-wan".to_owned())
@@ -248,6 +314,41 @@ fn check_section(check: Option<&CheckReport>, link: &LinkSpec) -> String {
     }
 }
 
+/// Where a scenario writes its report: `--out`, else bench/results unless
+/// `--quick`.
+fn out_dir(out: Option<PathBuf>, quick: bool) -> Option<PathBuf> {
+    match (out, quick) {
+        (Some(o), _) => Some(o),
+        (None, false) => Some(PathBuf::from("bench/results")),
+        (None, true) => None,
+    }
+}
+
+/// Writes `NAME-DATE[-SUFFIX].{md,json}` into `out`.
+fn write_report(
+    out: &std::path::Path,
+    name: &str,
+    date: &str,
+    suffix: Option<&str>,
+    md: &str,
+    json: &serde_json::Value,
+) -> Result<()> {
+    let stem = match suffix {
+        Some(s) => format!("{name}-{date}-{s}"),
+        None => format!("{name}-{date}"),
+    };
+    std::fs::create_dir_all(out)?;
+    let md_path = out.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md)?;
+    std::fs::write(
+        out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(json)?,
+    )?;
+    eprintln!("wrote {}", md_path.display());
+    Ok(())
+}
+
+/// YYYY-MM-DD (UTC) from the system clock.
 fn today() -> String {
     let days = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -490,17 +591,7 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
         "\n## Method\n\nSites `core` (10.99.0.1) and `edge` (10.99.0.2) are network namespaces joined by the cairn-wan userspace link emulator. The image is pushed inside the core namespace (loopback) to a Cairn core node and to docker-registry. Per rep, in the order of `--contestants`: a fresh edge server (fresh data/cache dir) where there is one, then `skopeo --insecure-policy copy --src-tls-verify=false docker://HOST:PORT/bench/img:v1 dir:OUT` in the edge namespace, timed as the wall time of the skopeo process; then the pull is verified (sha256 of every blob, blob set, manifest digest), untimed. Utilisation = image bytes × 8 / seconds / link rate (for a pull killed at the timeout: IP bytes delivered core→edge × 8 / seconds / rate). WAN bytes are IP bytes the link model delivered core→edge during the pull.\n",
     );
     println!("{md}");
-    let out = match (a.out, a.quick) {
-        (Some(o), _) => Some(o),
-        (None, false) => Some(PathBuf::from("bench/results")),
-        (None, true) => None,
-    };
-    if let Some(out) = out {
-        let stem = match &a.suffix {
-            Some(s) => format!("wan-scenario1-{date}-{s}"),
-            None => format!("wan-scenario1-{date}"),
-        };
-        std::fs::create_dir_all(&out)?;
+    if let Some(out) = out_dir(a.out, a.quick) {
         let json = serde_json::json!({
             "date": date,
             "command": command,
@@ -518,13 +609,137 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
                 "target_met_cairn": report.target_met(),
             },
         });
-        let md_path = out.join(format!("{stem}.md"));
-        std::fs::write(&md_path, &md)?;
-        std::fs::write(
-            out.join(format!("{stem}.json")),
-            serde_json::to_string_pretty(&json)?,
+        write_report(
+            &out,
+            "wan-scenario1",
+            &date,
+            a.suffix.as_deref(),
+            &md,
+            &json,
         )?;
-        eprintln!("wrote {}", md_path.display());
+    }
+    Ok(())
+}
+
+fn image_update(a: ImageUpdateArgs) -> Result<()> {
+    use cairn_wan::image_update::{run_image_update, ImageUpdateConfig};
+    use cairn_wan::scenario::Stats;
+    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
+    link.queue = QueueLimit::Auto;
+    let cfg = ImageUpdateConfig {
+        spec: link,
+        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+        image_file_bytes: a.image_mib.unwrap_or(if a.quick { 8 } else { 320 }) << 20,
+        layers: a.layers.unwrap_or(if a.quick { 2 } else { 4 }).max(1),
+        change_every: a.change_every.max(1),
+        uncompressed: a.uncompressed,
+        cairn: a.cairn.unwrap_or_else(default_cairn),
+        contestants: a.contestants,
+        tmp: a.tmp,
+        pull_timeout: Duration::from_secs(a.timeout_s),
+        seed: 1,
+    };
+    // Fail early and clearly on missing programs.
+    cairn_wan::scenario::Tools::find(&cfg.cairn)?;
+    let machine = Machine::collect();
+    let command = command_line();
+    let date = today();
+    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
+    let report = run_image_update(&cfg)?;
+    let mut md = format!(
+        "# Scenario 2: image update v1 → v2 at an edge, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: docker-registry and skopeo use it), load average {} at the start.\n\n",
+        machine.nproc, machine.cpu, machine.kernel, machine.tcp_congestion_control, machine.loadavg
+    );
+    md.push_str(&check_section(check.as_ref(), &link));
+    md.push_str("## Result\n\n");
+    md.push_str(&report.to_markdown());
+    let _ = write!(
+        md,
+        "\n## Method\n\nSites `core` (10.99.0.1) and `edge` (10.99.0.2) are network namespaces joined by the cairn-wan userspace link emulator. \
+         **The images.** v1 is scenario 1's image: real files from /usr (sorted paths, round robin over the sources), split over the layers by cumulative size, \
+         each layer made by copying its files into an umoci bundle, pinning every file's and directory's times (`touch -h -d @1700000000`) and `umoci repack` \
+         ({}). v2 is built the same way from the same files into the same layers, except that every {}th file by sorted path (indices {}, {}, …) \
+         has up to 4 KiB in its middle rewritten and 256 bytes appended (splitmix64 bytes seeded by the file's index; its size changes, so the rest of the layer's tar shifts). \
+         {} of the {} layers hold changed files, so their digests change. \
+         Both versions are pushed as `bench/img:v1` and `bench/img:v2` inside the core namespace (loopback; checked not to cross the link) to a Cairn core node per Cairn contestant and to docker-registry. \
+         **Per rep and contestant** (in the order of `--contestants`), with a fresh edge server (fresh data/cache dir) where there is one: \
+         a **warm-up**, untimed, `skopeo --insecure-policy copy --src-tls-verify=false docker://HOST:PORT/bench/img:v1 oci:OUT:v1` in the edge namespace, verified; \
+         then, once the link has carried less than 64 KiB in a second (up to 20 s), the **update** `skopeo … copy … docker://HOST:PORT/bench/img:v2 oci:OUT:v2` into the same layout, timed as the wall time of the skopeo process, \
+         then verified untimed (the layout's index names v2's manifest digest under `v2`; manifest, config and every layer present with the right size and sha256). \
+         After the warm-up the edge side holds v1 on every path: the Cairn edge's chunk store holds v1's chunks (it served v1 and fetched what it lacked from its parent), \
+         the pull-through cache holds v1's blobs, and the local `oci:` layout holds v1's blobs for every contestant alike. \
+         skopeo (1.9.3) does reuse an `oci:` destination: a layer blob whose file is already in the layout's `blobs/sha256/` is not fetched \
+         (checked against docker-registry's access log: a second pull of the same image into the layout GETs the manifest and the config only); \
+         the table counts v2 layers whose file was in the layout before the pull and untouched after it as skipped. \
+         Here v2 shares {} of its {} blobs (config + layers) with v1, so on the direct and proxy paths {:.1} MiB of v2's {:.1} MiB have to cross the link; \
+         only Cairn can reuse parts of changed layers, through content-defined chunks (FastCDC, 64 KiB average) its edge already holds. \
+         WAN bytes are IP bytes the link model delivered core→edge during the v2 pull (headers, retransmissions and requests' answers included); \
+         for Cairn the edge's `cairn_transport_peer_bytes_in_total` gained during the pull is listed too. Ratios are of the medians over the reps.\n",
+        if report.config.uncompressed {
+            "then `skopeo copy --dest-decompress` into `dir:` and `skopeo copy --dest-oci-accept-uncompressed-layers` back into an `oci:` layout: \
+             uncompressed tar layers, pushed with curl (POST and PUT per blob, PUT of the manifest) because skopeo gzips uncompressed layers on their way to a registry; \
+             every pull below adds `--dest-oci-accept-uncompressed-layers`, else skopeo gzips them into the `oci:` layout"
+        } else {
+            "gzip layers, as umoci writes them"
+        },
+        report.config.change_every,
+        report.config.change_every - 1,
+        2 * report.config.change_every - 1,
+        report.changed_layers(),
+        report.v2.layers.len(),
+        report.v2.layers.len() + 1 - report.changed_layers() - usize::from(report.v1.config.digest != report.v2.config.digest),
+        report.v2.layers.len() + 1,
+        report.new_blob_bytes() as f64 / (1 << 20) as f64,
+        report.v2.bytes() as f64 / (1 << 20) as f64,
+    );
+    println!("{md}");
+    if let Some(out) = out_dir(a.out, a.quick) {
+        let who = |f: &dyn Fn(&str) -> serde_json::Value| {
+            report
+                .config
+                .contestants
+                .iter()
+                .map(|c| (c.clone(), f(c)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let ratios = report
+            .pairs()
+            .into_iter()
+            .map(|(x, y)| {
+                (
+                    format!("{x}/{y}"),
+                    serde_json::json!({
+                        "time": report.time_ratio(x, y),
+                        "wan_bytes": report.wan_ratio(x, y),
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>();
+        let json = serde_json::json!({
+            "date": date,
+            "command": command,
+            "machine": machine,
+            "link_check": check,
+            "result": report,
+            "summary": {
+                "v1_bytes": report.v1.bytes(),
+                "v2_bytes": report.v2.bytes(),
+                "v2_new_blob_bytes": report.new_blob_bytes(),
+                "changed_layers": report.changed_layers(),
+                "changed_files": report.v2.changed_files,
+                "secs": who(&|c| serde_json::json!(Stats::of(&report.secs(c)))),
+                "wan_bytes_core_to_edge": who(&|c| serde_json::json!(Stats::of(&report.wan_bytes(c)))),
+                "ratios_of_medians": ratios,
+            },
+        });
+        write_report(
+            &out,
+            "wan-scenario2",
+            &date,
+            a.suffix.as_deref(),
+            &md,
+            &json,
+        )?;
     }
     Ok(())
 }
@@ -570,7 +785,9 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
          A Cairn core node imports it inside the core namespace (`cairn image import`, loopback); `qemu-nbd -r -t -e 8` serves the same raw file at the core on 10.99.0.1:10810. \
          Per rep, in the edge namespace and in this order: **copy-full** `nbdcopy nbd://10.99.0.1:10810/img LOCAL` (the copy-first transfer, a plain NBD-over-TCP copy of the raw file across the link; verified with `cmp`); \
          **copy-trace** the trace replayed with `qemu-io -r -f raw -c 'read -q OFF LEN' -c 'sleep MS' … LOCAL` (page cache warm, as right after the copy); \
-         **cairn-full** a fresh Cairn edge node (fresh data dir, `--parent core@10.99.0.1:7443`, NBD and API on its loopback), then `nbdcopy nbd://127.0.0.1:10809/image/NAME /dev/null` (verified untimed with `qemu-img compare` against the original); \
+         **cairn-full** a fresh Cairn edge node (fresh data dir, `--parent core@10.99.0.1:7443`, NBD and API on its loopback), then `nbdcopy nbd://127.0.0.1:10809/image/NAME null:` (verified untimed with `qemu-img compare` against the original; \
+         the destination is nbdcopy's `null:`, not `/dev/null`, because nbdcopy writes a `/dev/null` destination synchronously, one request at a time, \
+         which serialises the reads while the copy-first path's regular-file destination gets nbdcopy's usual parallel requests); \
          **cairn-trace** another fresh edge node and the same qemu-io replay against its export. \
          Every step is the wall time of its client process (connection set-up included). \
          Ratio (a) = cairn-full / copy-full; ratio (b) = cairn-trace / (copy-full + copy-trace); both per rep, then min / median / max over the reps. \
@@ -583,17 +800,7 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
          then each file extent follows 1–3 head reads (path lookups; more while the head lags its share); 0–2 ms of think time after each read; one request at a time, in order.\n",
     );
     println!("{md}");
-    let out = match (a.out, a.quick) {
-        (Some(o), _) => Some(o),
-        (None, false) => Some(PathBuf::from("bench/results")),
-        (None, true) => None,
-    };
-    if let Some(out) = out {
-        let stem = match &a.suffix {
-            Some(s) => format!("wan-scenario3-{date}-{s}"),
-            None => format!("wan-scenario3-{date}"),
-        };
-        std::fs::create_dir_all(&out)?;
+    if let Some(out) = out_dir(a.out, a.quick) {
         let secs = cairn_wan::vm_nbd::STEPS
             .iter()
             .map(|(w, _)| {
@@ -623,13 +830,14 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
                 },
             },
         });
-        let md_path = out.join(format!("{stem}.md"));
-        std::fs::write(&md_path, &md)?;
-        std::fs::write(
-            out.join(format!("{stem}.json")),
-            serde_json::to_string_pretty(&json)?,
+        write_report(
+            &out,
+            "wan-scenario3",
+            &date,
+            a.suffix.as_deref(),
+            &md,
+            &json,
         )?;
-        eprintln!("wrote {}", md_path.display());
     }
     Ok(())
 }
@@ -654,6 +862,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Scenario {
             which: ScenarioCmd::ColdPull(a),
         } => cold_pull(a),
+        Cmd::Scenario {
+            which: ScenarioCmd::ImageUpdate(a),
+        } => image_update(a),
         Cmd::Scenario {
             which: ScenarioCmd::VmNbd(a),
         } => vm_nbd(a),

@@ -40,7 +40,7 @@ pub const REPO: &str = "bench/img";
 /// Tag in the registries.
 pub const TAG: &str = "v1";
 /// Tag inside the OCI layout.
-const LAYOUT_TAG: &str = "img";
+pub(crate) const LAYOUT_TAG: &str = "img";
 const MIB: u64 = 1 << 20;
 /// Where the image's files come from (each walked in path order; one file
 /// from each source in turn).
@@ -56,7 +56,11 @@ const SOURCES: &[&str] = &[
 /// Larger files are skipped.
 const MAX_FILE: u64 = 32 * MIB;
 /// Bumped when the way the image is built changes (part of the cache key).
-const IMAGE_RECIPE: u32 = 1;
+/// 2: every file and directory's times pinned to [`FIXED_TIME`] before each
+/// repack, so two builds of the same files give the same layer tars.
+const IMAGE_RECIPE: u32 = 2;
+/// The time every file and directory of the image gets (2023-11-14).
+const FIXED_TIME: u64 = 1_700_000_000;
 /// Ports, the same in every site.
 const CAIRN_REGISTRY_PORT: u16 = 5000;
 const DOCKER_REGISTRY_PORT: u16 = 5001;
@@ -141,7 +145,15 @@ impl Tools {
     /// Checks that every program is there.
     pub fn find(cairn: &Path) -> Result<Self> {
         let apt = "apt-get install -y --no-install-recommends skopeo umoci docker-registry";
-        for t in ["skopeo", "umoci", "docker-registry", "sha256sum", "ss"] {
+        for t in [
+            "skopeo",
+            "umoci",
+            "docker-registry",
+            "sha256sum",
+            "ss",
+            "find",
+            "touch",
+        ] {
             ensure!(in_path(t), "{t} not found on the PATH (Debian: {apt})");
         }
         ensure!(
@@ -215,10 +227,95 @@ pub struct ImageMeta {
     pub file_bytes: u64,
     /// Where they came from.
     pub sources: Vec<String>,
+    /// How this build differs from the plain one (v1, gzip).
+    #[serde(default)]
+    pub variant: ImageVariant,
+    /// Files changed from v1 (0 for v1).
+    #[serde(default)]
+    pub changed_files: usize,
+    /// Bytes of those files rewritten or appended.
+    #[serde(default)]
+    pub changed_bytes: u64,
+}
+
+/// How an image build differs from the plain one (scenario 1's v1, gzip
+/// layers). Part of the cache key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVariant {
+    /// 0: the files as they are (v1). `n > 0`: v2, where every `n`-th file
+    /// by sorted path (indices `n-1`, `2n-1`, …) is changed: up to 4 KiB
+    /// in its middle rewritten and 256 bytes appended, deterministically
+    /// (splitmix64 seeded with the file's index).
+    pub change_every: usize,
+    /// Layers as uncompressed tar (the gzip build through `skopeo copy
+    /// --dest-decompress` into `dir:` and back into `oci:` with
+    /// `--dest-oci-accept-uncompressed-layers`) instead of gzip. Such a
+    /// layout must be pushed with `push_raw`: skopeo would gzip the layers.
+    pub uncompressed: bool,
+}
+
+impl ImageVariant {
+    /// `v1` or `v2`.
+    pub fn version(&self) -> &'static str {
+        if self.change_every == 0 {
+            "v1"
+        } else {
+            "v2"
+        }
+    }
+    fn cache_suffix(&self) -> String {
+        let mut s = String::new();
+        if self.change_every > 0 {
+            let _ = write!(s, "-v2every{}", self.change_every);
+        }
+        if self.uncompressed {
+            s.push_str("-tar");
+        }
+        s
+    }
+}
+
+/// Bytes appended to a changed file of v2.
+const APPENDED: usize = 256;
+/// At most this many bytes in the middle of a changed file are rewritten.
+const REWRITTEN: u64 = 4096;
+
+/// splitmix64, for the v2 changes.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The v2 change of a file (see [`ImageVariant::change_every`]); returns
+/// the bytes rewritten and appended.
+fn change_file(path: &Path, index: usize) -> Result<u64> {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let len = fs::metadata(path)?.len();
+    let mut st = index as u64 ^ 0x5EED_0002;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&splitmix(&mut st).to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    };
+    let n = REWRITTEN.min(len);
+    let mut f = fs::OpenOptions::new().write(true).open(path)?;
+    if n > 0 {
+        f.seek(SeekFrom::Start((len - n) / 2))?;
+        f.write_all(&bytes(n as usize))?;
+    }
+    f.seek(SeekFrom::End(0))?;
+    f.write_all(&bytes(APPENDED))?;
+    Ok(n + APPENDED as u64)
 }
 
 impl ImageMeta {
-    fn blobs(&self) -> impl Iterator<Item = &Blob> {
+    pub(crate) fn blobs(&self) -> impl Iterator<Item = &Blob> {
         std::iter::once(&self.config).chain(&self.layers)
     }
     /// Manifest + config + layers: what a pull moves.
@@ -227,11 +324,11 @@ impl ImageMeta {
     }
 }
 
-fn hex_of(digest: &str) -> &str {
+pub(crate) fn hex_of(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
-fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+pub(crate) fn blob_path(layout: &Path, digest: &str) -> PathBuf {
     layout.join("blobs/sha256").join(hex_of(digest))
 }
 
@@ -321,24 +418,54 @@ fn load_cached(root: &Path) -> Option<ImageMeta> {
 
 /// The image in `tmp/cairn-wan-image/<N>mib-<L>layers/layout` (tag `img`),
 /// built with umoci on first use: `file_bytes` of real files from
-/// [`SOURCES`], split over `layers` layers of roughly equal size, then
-/// cached. Returns the layout and its facts.
+/// [`SOURCES`], split over `layers` layers of roughly equal size, every
+/// time pinned, then cached. Returns the layout and its facts.
 pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, ImageMeta)> {
-    let root = tmp
-        .join("cairn-wan-image")
-        .join(format!("{}mib-{layers}layers", file_bytes / MIB));
-    if let Some(m) = load_cached(&root) {
+    image_variant(tmp, file_bytes, layers, ImageVariant::default())
+}
+
+/// [`image`], built as `variant` (cached under a name with the variant's
+/// suffix). The same files in the same layers, so v1 and v2 of one size
+/// differ only in the changed files (and in the config's times).
+pub fn image_variant(
+    tmp: &Path,
+    file_bytes: u64,
+    layers: usize,
+    variant: ImageVariant,
+) -> Result<(PathBuf, ImageMeta)> {
+    let root = tmp.join("cairn-wan-image").join(format!(
+        "{}mib-{layers}layers{}",
+        file_bytes / MIB,
+        variant.cache_suffix()
+    ));
+    if let Some(m) = load_cached(&root).filter(|m| m.variant == variant) {
         eprintln!("reusing the cached image in {}", root.display());
         return Ok((root.join("layout"), m));
     }
     let (files, sources) = select_files(file_bytes);
+    // Which files v2 changes: every n-th by sorted path.
+    let changed: BTreeMap<&Path, usize> = if variant.change_every > 0 {
+        let mut sorted: Vec<&Path> = files.iter().map(|f| f.0.as_path()).collect();
+        sorted.sort();
+        sorted
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % variant.change_every == variant.change_every - 1)
+            .map(|(i, p)| (p, i))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let mut changed_bytes = 0u64;
     ensure!(
         files.len() >= layers,
         "too few readable files under {SOURCES:?}"
     );
     let total: u64 = files.iter().map(|f| f.1).sum();
     eprintln!(
-        "building the image: {} files, {:.1} MiB from {} into {layers} layers (umoci, gzip; cached)",
+        "building the image ({}{}): {} files, {:.1} MiB from {} into {layers} layers (umoci; cached)",
+        variant.version(),
+        if variant.uncompressed { ", uncompressed" } else { ", gzip" },
         files.len(),
         total as f64 / MIB as f64,
         sources.join(", ")
@@ -372,7 +499,19 @@ pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, Ima
                 fs::create_dir_all(parent)?;
             }
             fs::copy(p, &dest).with_context(|| format!("copy {}", p.display()))?;
+            if let Some(&index) = changed.get(p.as_path()) {
+                changed_bytes += change_file(&dest, index)?;
+            }
         }
+        // Pin every time, so the layer tars depend on the files only.
+        run_checked(
+            Command::new("find")
+                .arg(&rootfs)
+                .args(["-exec", "touch", "-h", "-d"])
+                .arg(format!("@{FIXED_TIME}"))
+                .args(["{}", "+"]),
+            "touch (pin times)",
+        )?;
         let by = format!("cairn-wan layer {}", i + 1);
         umoci(&[
             "repack",
@@ -387,6 +526,36 @@ pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, Ima
     umoci(&["config", "--image", &image, "--config.cmd", "sh"])?;
     umoci(&["gc", "--layout", &layout_s])?;
     fs::remove_dir_all(&bundle)?;
+    let layout = if variant.uncompressed {
+        // skopeo decompresses only into `dir:`, and compresses uncompressed
+        // layers on the way into `oci:` unless told not to.
+        let dir = build.join("dir-tar");
+        let tar = build.join("layout-tar");
+        run_checked(
+            Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "--dest-decompress"])
+                .arg(format!("oci:{layout_s}:{LAYOUT_TAG}"))
+                .arg(format!("dir:{}", dir.display())),
+            "skopeo copy --dest-decompress",
+        )?;
+        run_checked(
+            Command::new("skopeo")
+                .args([
+                    "--insecure-policy",
+                    "copy",
+                    "--dest-oci-accept-uncompressed-layers",
+                ])
+                .arg(format!("dir:{}", dir.display()))
+                .arg(format!("oci:{}:{LAYOUT_TAG}", tar.display())),
+            "skopeo copy --dest-oci-accept-uncompressed-layers",
+        )?;
+        fs::remove_dir_all(&dir)?;
+        fs::remove_dir_all(&layout)?;
+        fs::rename(&tar, &layout)?;
+        layout
+    } else {
+        layout
+    };
     let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
     let desc = index["manifests"]
         .as_array()
@@ -397,6 +566,21 @@ pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, Ima
     let manifest = parse_blob(desc)?;
     let m: serde_json::Value =
         serde_json::from_slice(&fs::read(blob_path(&layout, &manifest.digest))?)?;
+    let gzip = m["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["mediaType"].as_str().is_some_and(|t| t.ends_with("gzip")))
+        .count();
+    ensure!(
+        if variant.uncompressed {
+            gzip == 0
+        } else {
+            gzip == layers
+        },
+        "the built image has {gzip} gzip layers of {layers} (uncompressed: {})",
+        variant.uncompressed
+    );
     let meta = ImageMeta {
         recipe: IMAGE_RECIPE,
         manifest,
@@ -410,6 +594,9 @@ pub fn image(tmp: &Path, file_bytes: u64, layers: usize) -> Result<(PathBuf, Ima
         files: files.len(),
         file_bytes: total,
         sources,
+        variant,
+        changed_files: changed.len(),
+        changed_bytes,
     };
     ensure!(
         meta.layers.len() == layers,
@@ -490,13 +677,15 @@ fn verify_pulled(dir: &Path, img: &ImageMeta) -> Result<()> {
 
 /// A server in a site: killed on drop (the WAN also kills leftovers).
 #[derive(Debug)]
-struct Server {
-    name: String,
+pub(crate) struct Server {
+    pub(crate) name: String,
     _guard: ChildGuard,
     log: PathBuf,
     dir: PathBuf,
-    registry: String,
-    token: Option<String>,
+    /// `HOST:PORT` of its registry.
+    pub(crate) registry: String,
+    /// The push token (Cairn).
+    pub(crate) token: Option<String>,
 }
 
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
@@ -551,7 +740,12 @@ pub(crate) fn spawn_logged(wan: &Wan, mut cmd: Command, log: &Path) -> Result<Ch
     Ok(wan.spawn(cmd)?)
 }
 
-fn docker_registry(wan: &Wan, site: &str, dir: &Path, proxy: Option<&str>) -> Result<Server> {
+pub(crate) fn docker_registry(
+    wan: &Wan,
+    site: &str,
+    dir: &Path,
+    proxy: Option<&str>,
+) -> Result<Server> {
     fs::create_dir_all(dir.join("data"))?;
     let addr = format!("{}:{DOCKER_REGISTRY_PORT}", wan.addr(site)?);
     let mut cfg = format!(
@@ -580,9 +774,9 @@ fn docker_registry(wan: &Wan, site: &str, dir: &Path, proxy: Option<&str>) -> Re
     })
 }
 
-fn cairn_node(
+pub(crate) fn cairn_node(
     wan: &Wan,
-    cfg: &ColdPullConfig,
+    cairn: &Path,
     site: &str,
     ca: &Path,
     dir: &Path,
@@ -595,7 +789,7 @@ fn cairn_node(
     let ip = wan.addr(site)?;
     let data = dir.join("data");
     let log = dir.join("log");
-    let mut cmd = wan.command(site, &cfg.cairn)?;
+    let mut cmd = wan.command(site, cairn)?;
     for v in [
         "CAIRN_CONFIG",
         "CAIRN_DATA_DIR",
@@ -642,10 +836,14 @@ fn cairn_node(
 
 impl Server {
     fn image_ref(&self) -> String {
-        format!("docker://{}/{REPO}:{TAG}", self.registry)
+        self.image_ref_tag(TAG)
+    }
+    /// `docker://HOST:PORT/bench/img:TAG`.
+    pub(crate) fn image_ref_tag(&self, tag: &str) -> String {
+        format!("docker://{}/{REPO}:{tag}", self.registry)
     }
     /// Warning/error lines in the log (a sample).
-    fn log_problems(&self) -> Vec<String> {
+    pub(crate) fn log_problems(&self) -> Vec<String> {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
@@ -904,8 +1102,9 @@ impl ColdPullReport {
     }
 }
 
-/// Seconds, and whether it was killed at the timeout.
-fn skopeo_in(
+/// `skopeo --insecure-policy copy ARGS` in `site`, output to `log`:
+/// seconds, and whether it was killed at the timeout.
+pub(crate) fn skopeo_in(
     wan: &Wan,
     site: &str,
     args: &[String],
@@ -943,7 +1142,9 @@ fn skopeo_in(
     Ok((secs, false))
 }
 
-fn link_bytes(wan: &Wan) -> Result<(u64, u64, u64, u64)> {
+/// Link counters: IP bytes delivered core→edge and edge→core, packets
+/// dropped core→edge (all, and by the queue).
+pub(crate) fn link_bytes(wan: &Wan) -> Result<(u64, u64, u64, u64)> {
     let ce = wan.stats("core", "edge")?;
     let ec = wan.stats("edge", "core")?;
     Ok((
@@ -984,70 +1185,19 @@ fn run_in_work(
     work: &Path,
 ) -> Result<ColdPullReport> {
     let (ca, wan) = core_edge(&cfg.cairn, work, cfg.seed, cfg.spec)?;
-    let want = |w: &str| cfg.contestants.iter().any(|c| c == w);
-    for c in &cfg.contestants {
-        ensure!(
-            ALL_CONTESTANTS.iter().any(|(n, _)| n == c),
-            "unknown contestant {c}; known: {:?}",
-            ALL_CONTESTANTS.iter().map(|c| c.0).collect::<Vec<_>>()
-        );
-    }
-    let mut cores = Vec::new();
-    if want("cairn") {
-        cores.push(cairn_node(
-            &wan,
-            cfg,
-            "core",
-            &ca,
-            &work.join("core-cairn"),
-            None,
-            false,
-        )?);
-    }
-    if want("cairn-bbr") {
-        cores.push(cairn_node(
-            &wan,
-            cfg,
-            "core",
-            &ca,
-            &work.join("core-cairn-bbr"),
-            None,
-            true,
-        )?);
-        if let Some(s) = cores.last_mut() {
-            s.name.push_str("-bbr");
-        }
-    }
-    let core_reg = docker_registry(&wan, "core", &work.join("core-registry"), None)?;
+    let (cores, core_reg) = core_servers(&wan, &cfg.cairn, &cfg.contestants, &ca, work)?;
     // Push both inside the core namespace (loopback; never crosses the link).
     let mut push_secs = BTreeMap::new();
-    for s in cores.iter().chain([&core_reg]) {
-        let mut args = vec!["--dest-tls-verify=false".to_owned()];
-        if let Some(t) = &s.token {
-            args.push("--dest-creds".into());
-            args.push(format!("cairn:{t}"));
-        }
-        args.push(format!("oci:{}:{LAYOUT_TAG}", layout.display()));
-        args.push(s.image_ref());
-        let before = link_bytes(&wan)?;
-        let (secs, to) = skopeo_in(
-            &wan,
-            "core",
-            &args,
-            &work.join(format!("push-{}.log", s.name)),
-            cfg.pull_timeout,
-        )?;
-        ensure!(!to, "the push to {} timed out", s.name);
-        ensure!(
-            link_bytes(&wan)? == before,
-            "the push to {} crossed the link",
-            s.name
-        );
-        eprintln!("pushed to {}: {secs:.2} s", s.name);
-        push_secs.insert(s.name.clone(), secs);
-    }
-    let core_quic = format!("core@{}:{CAIRN_QUIC_PORT}", wan.addr("core")?);
-    let core_quic_bbr = format!("core@{}:{}", wan.addr("core")?, CAIRN_QUIC_PORT + 1);
+    push_image(
+        &wan,
+        cores.iter().chain([&core_reg]),
+        layout,
+        TAG,
+        work,
+        cfg.pull_timeout,
+        false,
+        &mut push_secs,
+    )?;
     let rate = cfg.spec.rate_bps as f64;
     let mut pulls = Vec::new();
     for rep in 0..cfg.reps {
@@ -1055,33 +1205,7 @@ fn run_in_work(
             let who = who.as_str();
             let dir = work.join(format!("{rep}-{who}"));
             fs::create_dir_all(&dir)?;
-            let edge = match who {
-                "cairn" => Some(cairn_node(
-                    &wan,
-                    cfg,
-                    "edge",
-                    &ca,
-                    &dir.join("edge"),
-                    Some(&core_quic),
-                    false,
-                )?),
-                "cairn-bbr" => Some(cairn_node(
-                    &wan,
-                    cfg,
-                    "edge",
-                    &ca,
-                    &dir.join("edge"),
-                    Some(&core_quic_bbr),
-                    true,
-                )?),
-                "proxy" => Some(docker_registry(
-                    &wan,
-                    "edge",
-                    &dir.join("edge"),
-                    Some(&core_reg.registry),
-                )?),
-                _ => None,
-            };
+            let edge = edge_server(&wan, &cfg.cairn, who, &ca, &dir.join("edge"), &core_reg)?;
             let source = edge.as_ref().unwrap_or(&core_reg);
             let out = dir.join("out");
             let args = vec![
@@ -1188,4 +1312,289 @@ pub(crate) fn core_edge(
         .link("core", "edge", spec)
         .start()?;
     Ok((ca, wan))
+}
+
+/// Checks the contestants' names, then starts the core's servers: a Cairn
+/// core node per Cairn variant among `contestants` (`cairn`: default
+/// ports; `cairn-bbr`: `--congestion bbr`, the next ports) and a
+/// docker-registry (always: the direct and proxy contestants' source).
+pub(crate) fn core_servers(
+    wan: &Wan,
+    cairn: &Path,
+    contestants: &[String],
+    ca: &Path,
+    work: &Path,
+) -> Result<(Vec<Server>, Server)> {
+    for c in contestants {
+        ensure!(
+            ALL_CONTESTANTS.iter().any(|(n, _)| n == c),
+            "unknown contestant {c}; known: {:?}",
+            ALL_CONTESTANTS.iter().map(|c| c.0).collect::<Vec<_>>()
+        );
+    }
+    let want = |w: &str| contestants.iter().any(|c| c == w);
+    let mut cores = Vec::new();
+    if want("cairn") {
+        cores.push(cairn_node(
+            wan,
+            cairn,
+            "core",
+            ca,
+            &work.join("core-cairn"),
+            None,
+            false,
+        )?);
+    }
+    if want("cairn-bbr") {
+        cores.push(cairn_node(
+            wan,
+            cairn,
+            "core",
+            ca,
+            &work.join("core-cairn-bbr"),
+            None,
+            true,
+        )?);
+        if let Some(s) = cores.last_mut() {
+            s.name.push_str("-bbr");
+        }
+    }
+    let core_reg = docker_registry(wan, "core", &work.join("core-registry"), None)?;
+    Ok((cores, core_reg))
+}
+
+/// Pushes `layout`'s image (tag `img`) as `bench/img:TAG` to each server
+/// from inside the core namespace (loopback); fails if a push crosses the
+/// link. Records the seconds under `NAME` (`NAME TAG` unless `tag` is
+/// [`TAG`]). With `raw`, pushes with plain HTTP requests ([`push_raw`])
+/// instead of skopeo, which would gzip uncompressed layers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn push_image<'a>(
+    wan: &Wan,
+    servers: impl IntoIterator<Item = &'a Server>,
+    layout: &Path,
+    tag: &str,
+    work: &Path,
+    timeout: Duration,
+    raw: bool,
+    secs_out: &mut BTreeMap<String, f64>,
+) -> Result<()> {
+    for s in servers {
+        if raw {
+            let before = link_bytes(wan)?;
+            let t = Instant::now();
+            push_raw(wan, s, layout, tag).with_context(|| format!("push {tag} to {}", s.name))?;
+            let secs = t.elapsed().as_secs_f64();
+            ensure!(
+                link_bytes(wan)? == before,
+                "the push of {tag} to {} crossed the link",
+                s.name
+            );
+            eprintln!("pushed {tag} to {} (curl): {secs:.2} s", s.name);
+            secs_out.insert(format!("{} {tag}", s.name), secs);
+            continue;
+        }
+        let mut args = vec!["--dest-tls-verify=false".to_owned()];
+        if let Some(t) = &s.token {
+            args.push("--dest-creds".into());
+            args.push(format!("cairn:{t}"));
+        }
+        args.push(format!("oci:{}:{LAYOUT_TAG}", layout.display()));
+        args.push(s.image_ref_tag(tag));
+        let before = link_bytes(wan)?;
+        let (secs, to) = skopeo_in(
+            wan,
+            "core",
+            &args,
+            &work.join(format!("push-{}-{tag}.log", s.name)),
+            timeout,
+        )?;
+        ensure!(!to, "the push of {tag} to {} timed out", s.name);
+        ensure!(
+            link_bytes(wan)? == before,
+            "the push of {tag} to {} crossed the link",
+            s.name
+        );
+        eprintln!("pushed {tag} to {}: {secs:.2} s", s.name);
+        let key = if tag == TAG {
+            s.name.clone()
+        } else {
+            format!("{} {tag}", s.name)
+        };
+        secs_out.insert(key, secs);
+    }
+    Ok(())
+}
+
+/// Pushes `layout`'s image (tag `img`) as `bench/img:TAG` to `server` from
+/// the core namespace with curl, blob by blob as stored (POST an upload,
+/// PUT it with `?digest=`; then PUT the manifest), with the push token as
+/// a bearer token where there is one.
+fn push_raw(wan: &Wan, server: &Server, layout: &Path, tag: &str) -> Result<()> {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
+    let desc = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == LAYOUT_TAG)
+        .context("index.json has no manifest tagged img")?;
+    let manifest = parse_blob(desc)?;
+    let media = desc["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_owned();
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob_path(layout, &manifest.digest))?)?;
+    let blobs: Vec<Blob> = std::iter::once(&m["config"])
+        .chain(m["layers"].as_array().into_iter().flatten())
+        .map(parse_blob)
+        .collect::<Result<_>>()?;
+    let base = format!("http://{}", server.registry);
+    let curl = || -> Result<Command> {
+        let mut c = wan.command("core", "curl")?;
+        c.args(["-sS", "-f", "--max-time", "300"]);
+        if let Some(t) = &server.token {
+            c.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        Ok(c)
+    };
+    for b in &blobs {
+        let mut post = curl()?;
+        post.args(["-o", "/dev/null", "-D", "-", "-X", "POST"])
+            .arg(format!("{base}/v2/{REPO}/blobs/uploads/"));
+        let headers = run_checked(&mut post, "curl POST blobs/uploads/")?;
+        let loc = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_owned())
+            })
+            .context("no Location in the upload's answer")?;
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{base}{loc}")
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let mut put = curl()?;
+        put.args([
+            "-o",
+            "/dev/null",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-T",
+        ])
+        .arg(blob_path(layout, &b.digest))
+        .arg(format!("{loc}{sep}digest={}", b.digest));
+        run_checked(&mut put, "curl PUT blob")?;
+    }
+    let mut put = curl()?;
+    put.args(["-o", "/dev/null", "-H"])
+        .arg(format!("Content-Type: {media}"))
+        .arg("-T")
+        .arg(blob_path(layout, &manifest.digest))
+        .arg(format!("{base}/v2/{REPO}/manifests/{tag}"));
+    run_checked(&mut put, "curl PUT manifest")?;
+    Ok(())
+}
+
+/// The fresh edge server of a contestant (`None` for `direct`, which pulls
+/// from `core_reg` across the link): a Cairn edge node whose parent is the
+/// matching Cairn core, or a docker-registry pull-through cache of
+/// `core_reg`.
+pub(crate) fn edge_server(
+    wan: &Wan,
+    cairn: &Path,
+    who: &str,
+    ca: &Path,
+    dir: &Path,
+    core_reg: &Server,
+) -> Result<Option<Server>> {
+    let core = wan.addr("core")?;
+    Ok(match who {
+        "cairn" => Some(cairn_node(
+            wan,
+            cairn,
+            "edge",
+            ca,
+            dir,
+            Some(&format!("core@{core}:{CAIRN_QUIC_PORT}")),
+            false,
+        )?),
+        "cairn-bbr" => Some(cairn_node(
+            wan,
+            cairn,
+            "edge",
+            ca,
+            dir,
+            Some(&format!("core@{core}:{}", CAIRN_QUIC_PORT + 1)),
+            true,
+        )?),
+        "proxy" => Some(docker_registry(wan, "edge", dir, Some(&core_reg.registry))?),
+        _ => None,
+    })
+}
+
+/// sha256 (hex) of each file, by `sha256sum`.
+fn sha256_of(paths: &[PathBuf]) -> Result<BTreeMap<PathBuf, String>> {
+    if paths.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let out = run_checked(Command::new("sha256sum").args(paths), "sha256sum")?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (sum, path) = l.split_once("  ")?;
+            Some((PathBuf::from(path), sum.to_owned()))
+        })
+        .collect())
+}
+
+/// Checks an `oci:` layout pull of `img` tagged `tag`: the index names the
+/// image's manifest under `tag`, and the manifest, config and every layer
+/// are there with the right sizes and hash to their names.
+pub(crate) fn verify_layout(layout: &Path, tag: &str, img: &ImageMeta) -> Result<()> {
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(layout.join("index.json")).context("read the pulled index.json")?,
+    )?;
+    let desc = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .with_context(|| format!("the pulled index.json has no manifest tagged {tag}"))?;
+    let got = parse_blob(desc)?;
+    ensure!(
+        got.digest == img.manifest.digest,
+        "WRONG BYTES: {tag} in the pulled layout is {}, not {}",
+        got.digest,
+        img.manifest.digest
+    );
+    let all: Vec<&Blob> = std::iter::once(&img.manifest).chain(img.blobs()).collect();
+    let paths: Vec<PathBuf> = all.iter().map(|b| blob_path(layout, &b.digest)).collect();
+    for (b, p) in all.iter().zip(&paths) {
+        let len = fs::metadata(p)
+            .with_context(|| format!("blob {} missing from the pulled layout", b.digest))?
+            .len();
+        ensure!(
+            len == b.bytes,
+            "blob {} is {len} bytes, not {}",
+            b.digest,
+            b.bytes
+        );
+    }
+    let sums = sha256_of(&paths)?;
+    for (b, p) in all.iter().zip(&paths) {
+        let sum = sums
+            .get(p)
+            .with_context(|| format!("no sum for {}", p.display()))?;
+        ensure!(
+            sum == hex_of(&b.digest),
+            "WRONG BYTES: blob {} hashes to sha256:{sum}",
+            b.digest
+        );
+    }
+    Ok(())
 }

@@ -14,9 +14,14 @@
 //! 2. **copy-first, trace**: the boot-like trace replayed with `qemu-io`
 //!    against the local copy (page cache warm, as right after the copy).
 //! 3. **cairn, full**: a fresh Cairn edge node (fresh data dir, `--parent`
-//!    the core), then `nbdcopy nbd://127.0.0.1:10809/image/NAME /dev/null`:
+//!    the core), then `nbdcopy nbd://127.0.0.1:10809/image/NAME null:`:
 //!    the lazy export fetches every chunk over the link. Verified untimed
-//!    with `qemu-img compare` against the original.
+//!    with `qemu-img compare` against the original. The destination is
+//!    nbdcopy's `null:` (discards, with its usual many requests in flight),
+//!    not `/dev/null`: nbdcopy writes a `/dev/null` destination
+//!    synchronously, one request at a time, which serialised the demand
+//!    fetches; the copy-first step writes a regular file, which nbdcopy
+//!    drives concurrently, so both full reads are fair.
 //! 4. **cairn, trace**: another fresh edge node, the same trace replayed
 //!    with `qemu-io` straight against its export (chunks fetched on demand).
 //!
@@ -691,7 +696,7 @@ pub const STEPS: &[(&str, &str)] = &[
     ),
     (
         "cairn-full",
-        "cairn: nbdcopy of the edge's lazy export to /dev/null (fresh edge)",
+        "cairn: nbdcopy of the edge's lazy export to `null:` (fresh edge)",
     ),
     (
         "cairn-trace",
@@ -917,7 +922,7 @@ impl VmNbdReport {
                 let _ = writeln!(
                     md,
                     "- {what}: the reads' waits for demand fetches sum to **{:.2}×** the step's wall time (median; \
-                     ≈ 1 means the fetches did not overlap: one at a time, latency-bound).",
+                     ≈ 1 means the fetches did not overlap: one at a time, latency-bound; well above 1, reads waited for fetches concurrently).",
                     Stats::of(&per).median
                 );
             }
@@ -1075,7 +1080,10 @@ fn run_in_work(
                 }
                 "cairn-full" => {
                     let mut c = wan.command("edge", "nbdcopy")?;
-                    c.arg(&export).arg("/dev/null");
+                    // `null:`, not `/dev/null`: nbdcopy writes a
+                    // `/dev/null` destination synchronously, one request
+                    // at a time.
+                    c.arg(&export).arg("null:");
                     c
                 }
                 _ => {
