@@ -88,6 +88,9 @@ pub struct FileConfig {
     /// `[nbd]`.
     #[serde(default)]
     pub nbd: NbdSection,
+    /// `[prefetch]`.
+    #[serde(default)]
+    pub prefetch: PrefetchSection,
 }
 
 /// `[replication]`.
@@ -182,6 +185,23 @@ pub struct NbdSection {
     /// background priority, once an export of it is opened (default false:
     /// only what is read is fetched).
     pub background_fill: Option<bool>,
+}
+
+/// `[prefetch]`: predictive prefetch for NBD exports of partly local
+/// images (see `cairn_node::prefetcher`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSection {
+    /// Prefetch at all (default true).
+    pub enabled: Option<bool>,
+    /// How far ahead of the reader prefetch may run, e.g. `"16M"`
+    /// (default 16 MiB; 64 KiB to 1 GiB).
+    pub lead: Option<String>,
+    /// Prefetch requests in flight at most (default 8; 1 to 64).
+    pub max_inflight: Option<usize>,
+    /// Follow access profiles (default true); false leaves only the
+    /// successor model, which predicts after each read.
+    pub use_profile: Option<bool>,
 }
 
 /// `[store]`.
@@ -366,6 +386,8 @@ pub struct NodeConfig {
     pub nbd_allow_remote: bool,
     /// Complete partly local images in the background once exported.
     pub nbd_background_fill: bool,
+    /// Predictive prefetch for exports of partly local images.
+    pub prefetch: crate::prefetcher::PrefetchSettings,
     /// Registry settings.
     pub registry: RegistrySection,
     /// Replication of pushes to other sites.
@@ -396,6 +418,7 @@ impl NodeConfig {
             nbd_listen: Some(addr(None, DEFAULT_NBD)),
             nbd_allow_remote: false,
             nbd_background_fill: false,
+            prefetch: Default::default(),
             registry: RegistrySection::default(),
             replication: ReplicationConfig::default(),
         }
@@ -454,6 +477,30 @@ impl NodeConfig {
         }
         if let Some(b) = f.nbd.background_fill {
             c.nbd_background_fill = b;
+        }
+        if let Some(b) = f.prefetch.enabled {
+            c.prefetch.enabled = b;
+        }
+        if let Some(l) = &f.prefetch.lead {
+            let v =
+                parse_size(l).map_err(|e| ConfigError::Invalid(format!("prefetch.lead: {e}")))?;
+            if !(64 << 10..=1 << 30).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "prefetch.lead: {l} is outside 64K..1G"
+                )));
+            }
+            c.prefetch.lead_bytes = v;
+        }
+        if let Some(n) = f.prefetch.max_inflight {
+            if !(1..=64).contains(&n) {
+                return Err(ConfigError::Invalid(format!(
+                    "prefetch.max_inflight: {n} is outside 1..64"
+                )));
+            }
+            c.prefetch.max_inflight = n;
+        }
+        if let Some(b) = f.prefetch.use_profile {
+            c.prefetch.use_profile = b;
         }
         if let Some(e) = &f.store.engine {
             c.store.engine = e
@@ -659,6 +706,31 @@ mod tests {
             c.labels.get("region").map(String::as_str),
             Some("eu-central")
         );
+        assert!(c.prefetch.enabled && c.prefetch.use_profile);
+        assert_eq!(c.prefetch.lead_bytes, 16 << 20);
+        assert_eq!(c.prefetch.max_inflight, 8);
+    }
+
+    #[test]
+    fn prefetch_limits_are_checked() {
+        let cfg = |t: &str| {
+            let f = FileConfig::parse(&format!("version = 1\n[prefetch]\n{t}")).unwrap();
+            NodeConfig::from_file(&f, Path::new("."), Path::new("d"))
+        };
+        let c = cfg("lead = \"4M\"\nmax_inflight = 2\nuse_profile = false").unwrap();
+        assert_eq!(c.prefetch.lead_bytes, 4 << 20);
+        assert_eq!(c.prefetch.max_inflight, 2);
+        assert!(!c.prefetch.use_profile);
+        for bad in [
+            "lead = \"1K\"",
+            "lead = \"2G\"",
+            "max_inflight = 0",
+            "max_inflight = 65",
+        ] {
+            let e = cfg(bad).unwrap_err().to_string();
+            assert!(e.contains("prefetch."), "{bad}: {e}");
+        }
+        assert!(cfg("enabled = false").is_ok_and(|c| !c.prefetch.enabled));
     }
 
     #[test]

@@ -29,6 +29,8 @@ use std::time::Duration;
 pub mod api;
 pub mod config;
 pub mod hlc;
+pub mod prefetch;
+pub mod prefetcher;
 pub mod pullthrough;
 pub mod registry;
 pub mod replicate;
@@ -333,6 +335,12 @@ impl Node {
                 None => Err("the node is shutting down".into()),
             }));
         }
+        vm_images.set_prefetch(
+            cfg.prefetch.clone(),
+            prefetcher::PrefetchMetrics::new(&registry)
+                .map_err(|e| NodeError::Config(format!("prefetch metrics: {e}")))?,
+            cancel.child_token(),
+        );
         let volumes = volume::Volumes::new(
             store.clone(),
             vm_images.clone(),

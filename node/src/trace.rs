@@ -165,6 +165,11 @@ pub fn save_on_close(store: std::sync::Arc<Store>, object: ObjectId, entries: Ve
     let save = move || {
         if let Err(e) = save(&store, &object, &entries) {
             tracing::warn!(object = %object.fmt_short(), error = %e, "cannot store the access trace");
+            return;
+        }
+        // Publish what this site has learned, for sites that fetch from us.
+        if let Err(e) = crate::prefetcher::publish(&store, &object) {
+            tracing::warn!(object = %object.fmt_short(), error = %e, "cannot publish the prefetch model");
         }
     };
     match tokio::runtime::Handle::try_current() {

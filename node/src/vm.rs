@@ -345,7 +345,9 @@ pub struct ImageEntry {
     pub chunks: u64,
     /// Of those, present here.
     pub present_chunks: u64,
-    /// `complete` or `partial` (chunks are fetched on demand).
+    /// `complete`; `prefetching` (partial, and an open export's prefetch
+    /// task is fetching ahead of its reader); or `partial` (lazy: chunks
+    /// are fetched when read).
     pub state: &'static str,
 }
 
@@ -381,6 +383,10 @@ struct Inner {
     /// Called (blocking) when an image is imported or made here, to
     /// replicate it by policy.
     announce: std::sync::OnceLock<AnnounceHook>,
+    /// Predictive prefetch for exports of partly local images.
+    prefetch: std::sync::OnceLock<crate::prefetcher::PrefetchEnv>,
+    /// Objects with a prefetch task running, and how many.
+    prefetching: crate::prefetcher::Active,
 }
 
 /// Replicates a new image (name, object) by policy; returns how many
@@ -442,7 +448,30 @@ impl VmImages {
                 fill,
                 filling: Default::default(),
                 announce: std::sync::OnceLock::new(),
+                prefetch: std::sync::OnceLock::new(),
+                prefetching: Default::default(),
             }),
+        }
+    }
+
+    /// Prefetch for exports of partly local images (set once, by the
+    /// node; needs a fetcher). Tasks stop on `cancel`.
+    pub fn set_prefetch(
+        &self,
+        settings: crate::prefetcher::PrefetchSettings,
+        metrics: crate::prefetcher::PrefetchMetrics,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        if let Some(fetcher) = &self.inner.fetcher {
+            let _ = self.inner.prefetch.set(crate::prefetcher::PrefetchEnv {
+                store: self.inner.store.clone(),
+                fetcher: fetcher.clone(),
+                sources: self.inner.sources.clone(),
+                settings,
+                metrics,
+                cancel,
+                active: self.inner.prefetching.clone(),
+            });
         }
     }
 
@@ -570,6 +599,7 @@ impl VmImages {
     /// Every image known here, sorted by name.
     pub async fn list(&self) -> Result<Vec<ImageEntry>, VmError> {
         let store = self.inner.store.clone();
+        let prefetching = self.inner.prefetching.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<ImageEntry>, VmError> {
             let mut out = Vec::new();
             for (key, e) in store.names_with_prefix(IMAGE_PREFIX)? {
@@ -597,6 +627,8 @@ impl VmImages {
                     present_chunks: present,
                     state: if present == chunks {
                         "complete"
+                    } else if prefetching.lock().contains_key(&e.object) {
+                        "prefetching"
                     } else {
                         "partial"
                     },
@@ -679,11 +711,18 @@ impl VmImages {
         }
         let trace = crate::trace::TraceRecorder::new(handle.recipe().chunks().len());
         self.start_fill(name, id);
+        let handle = Arc::new(handle);
+        let prefetch = self
+            .inner
+            .prefetch
+            .get()
+            .and_then(|env| crate::prefetcher::start(env, name, handle.clone()));
         Ok(ImageExport {
             name: name.to_owned(),
-            handle: Arc::new(handle),
+            handle,
             images: self.clone(),
             trace,
+            prefetch,
         })
     }
 }
@@ -781,6 +820,7 @@ struct ImageExport {
     handle: Arc<ObjectHandle>,
     images: VmImages,
     trace: crate::trace::TraceRecorder,
+    prefetch: Option<crate::prefetcher::PrefetchHandle>,
 }
 
 impl Drop for ImageExport {
@@ -974,6 +1014,13 @@ impl ImageExport {
             .images
             .read_object(&self.name, &self.handle, offset, buf)
             .await?;
+        if let Some(p) = &self.prefetch {
+            let recipe = self.handle.recipe();
+            let last = offset.saturating_add(buf.len().max(1) as u64 - 1);
+            if let (Some(a), Some(b)) = (recipe.chunk_at(offset), recipe.chunk_at(last)) {
+                p.on_read(a as u32, b as u32, fetched);
+            }
+        }
         let source = if fetched { "fetched" } else { "local" };
         self.images
             .inner

@@ -376,3 +376,128 @@ async fn background_fill_completes_an_edge_image_and_traces_are_kept() {
     edge.shutdown().await;
     core.shutdown().await;
 }
+
+/// Profile prefetch end to end: reads at the core leave a trace, the core
+/// publishes `prefetch/<OBJECT>`, and an edge that opens the image fetches
+/// the profile's chunks before the reader asks, so the same reads at the
+/// edge then never wait for a demand fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_prefetches_what_the_profile_says_before_it_is_read() {
+    use tokio::io::AsyncWriteExt;
+    if !have("qemu-io") {
+        return;
+    }
+    let c = Cluster::new();
+    let core = c.node("core", vec![]).await;
+    let edge = c.node("edge", vec![peer(&core)]).await;
+    let src = disk_image(32 << 20, 31);
+    import(&core, "base", &src).await;
+    let id = core.store().resolve("vmimage/base").unwrap();
+    let recipe = core.store().recipe(&id).unwrap();
+
+    // A "boot" at the core: scattered reads, recorded as a trace.
+    let offs = [0u64, 20 << 20, 3 << 20, 9 << 20, 27 << 20, 14 << 20];
+    let cmds: Vec<String> = offs.iter().map(|o| format!("read {o} 4k")).collect();
+    let mut args = vec!["-r", "-f", "raw"];
+    for cmd in &cmds {
+        args.extend(["-c", cmd.as_str()]);
+    }
+    let u = uri(&core, "image/base");
+    args.push(&u);
+    run_ok("qemu-io", &args).await;
+    let model = format!("prefetch/{id}");
+    let t = std::time::Instant::now();
+    while core.store().resolve(&model).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the core never published {model}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let want: HashSet<ChunkId> = offs
+        .iter()
+        .map(|o| recipe.chunks()[recipe.chunk_at(*o).unwrap()].id)
+        .collect();
+
+    // Prefetch stays within the profile (every chunk the core's reads
+    // touched): nothing else of the image moved.
+    let url = format!(
+        "http://{}/api/v1/vm-images/base/traces",
+        core.api_addr().unwrap()
+    );
+    let v: serde_json::Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+    let traced: HashSet<ChunkId> = v["traces"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| recipe.chunks()[e["chunk"].as_u64().unwrap() as usize].id)
+        .collect();
+    assert!(want.is_subset(&traced), "{traced:?}");
+
+    // The edge opens the export (a qemu-io session that reads nothing yet):
+    // prefetch fetches the profile's chunks.
+    let mut child = tokio::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", &uri(&edge, "image/base")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let here = traced
+            .iter()
+            .filter(|id| edge.store().has_chunk(id).unwrap())
+            .count();
+        if here == traced.len() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "prefetch brought {here} of the profile's {} chunks",
+            traced.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = metrics(&edge).await;
+    assert!(
+        metric(&m, "cairn_prefetch_chunks_total{outcome=\"fetched\"}") == traced.len() as f64,
+        "{m}"
+    );
+    let present: HashSet<ChunkId> = recipe
+        .chunks()
+        .iter()
+        .filter(|c| edge.store().has_chunk(&c.id).unwrap())
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(present, traced, "only the profile's chunks are here");
+
+    // The same reads at the edge: every one is local, none stalls.
+    let mut stdin = child.stdin.take().unwrap();
+    let mut script = String::new();
+    for cmd in &cmds {
+        script.push_str(cmd);
+        script.push('\n');
+    }
+    script.push_str("quit\n");
+    stdin.write_all(script.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("qemu-io did not finish")
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let m = metrics(&edge).await;
+    assert_eq!(
+        metric(&m, "cairn_nbd_image_reads_total{source=\"fetched\"}"),
+        0.0,
+        "a read waited for a demand fetch: {m}"
+    );
+    assert!(
+        metric(&m, "cairn_prefetch_chunks_total{outcome=\"hit\"}") >= want.len() as f64,
+        "{m}"
+    );
+    edge.shutdown().await;
+    core.shutdown().await;
+}
