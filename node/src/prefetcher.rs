@@ -7,9 +7,10 @@
 //!    from the traces recorded here (`trace/<OBJECT>/…`) and merges in the
 //!    ones a parent or peer publishes (the object `prefetch/<OBJECT>`,
 //!    fetched at background priority; missing is fine).
-//! 2. It asks the planner for chunks and fetches them at background
-//!    priority (demand reads always go first on the wire), a few requests
-//!    in flight, never more than the lead ahead of the reader.
+//! 2. It asks the planner for chunks and fetches them at prefetch priority
+//!    (demand reads always go first on the wire, and a demand read of a
+//!    chunk a prefetch has in flight fetches it again rather than wait), a
+//!    few requests in flight, never more than the lead ahead of the reader.
 //! 3. Every read of the export tells the planner where the reader is (and
 //!    whether it had to wait for a demand fetch), which moves the window
 //!    on, or switches to successor predictions when the reader leaves the
@@ -323,7 +324,7 @@ async fn run(
             let (fetcher, sources) = (env.fetcher.clone(), env.sources.clone());
             calls.spawn(async move {
                 let r = fetcher
-                    .fetch_chunks(&want, &sources, Priority::Background)
+                    .fetch_chunks(&want, &sources, Priority::Prefetch)
                     .await;
                 (group, r.is_ok())
             });

@@ -201,6 +201,9 @@ impl Peer {
 #[derive(Debug)]
 struct Inflight {
     done: watch::Sender<Option<bool>>,
+    /// The claiming call's priority: a demand call does not wait behind a
+    /// prefetch claim, it fetches the chunk too.
+    priority: Priority,
 }
 
 struct FetchInner {
@@ -451,13 +454,13 @@ impl Fetcher {
         // Two rounds: chunks we waited on in another call and that call
         // failed to get are fetched by us in the second.
         for round in 0..2 {
-            let (own, waits, local) = self.claim(&todo)?;
+            let (own, registered, waits, local) = self.claim(&todo, priority)?;
             if round == 0 {
                 report.local = local;
             }
             let mut guard = ClaimGuard {
                 f: self,
-                ids: own.iter().map(|(id, _)| *id).collect(),
+                ids: registered,
             };
             let r = self.run(own, peers, priority).await;
             guard.release_all();
@@ -483,21 +486,31 @@ impl Fetcher {
         Ok(report)
     }
 
-    /// Split `want` into chunks already local, chunks this call owns, and
-    /// chunks another call is fetching (with a receiver to wait on).
+    /// Split `want` into chunks already local, chunks this call fetches
+    /// (with the ones it registered as their fetcher), and chunks another
+    /// call is fetching (with a receiver to wait on). A demand call does not
+    /// wait for a chunk a prefetch call is fetching (a prefetch stream can
+    /// sit behind every other stream): it fetches the chunk too, and
+    /// whichever copy lands first is stored. A background claim is waited
+    /// for: a streamed blob's reader asks at demand priority for chunks the
+    /// blob's own background fetch has in flight, and fetching those twice
+    /// would double the bytes.
     #[allow(clippy::type_complexity)]
     fn claim(
         &self,
         want: &[(ChunkId, u32)],
+        priority: Priority,
     ) -> Result<
         (
             Vec<(ChunkId, u32)>,
+            Vec<ChunkId>,
             Vec<(ChunkId, u32, watch::Receiver<Option<bool>>)>,
             u64,
         ),
         FetchError,
     > {
         let mut own = Vec::new();
+        let mut registered = Vec::new();
         let mut waits = Vec::new();
         let mut local = 0;
         for &(id, len) in want {
@@ -507,12 +520,18 @@ impl Fetcher {
             }
             let mut m = self.inner.inflight.lock();
             if let Some(f) = m.get(&id) {
+                if priority == Priority::Demand && f.priority == Priority::Prefetch {
+                    drop(m);
+                    self.inner.metrics.demand_overtakes.inc();
+                    own.push((id, len));
+                    continue;
+                }
                 waits.push((id, len, f.done.subscribe()));
                 self.inner.metrics.coalesced.inc();
                 continue;
             }
             let (tx, _) = watch::channel(None);
-            m.insert(id, Arc::new(Inflight { done: tx }));
+            m.insert(id, Arc::new(Inflight { done: tx, priority }));
             drop(m);
             // Stored between our first look and the claim: done already.
             if self.inner.store.has_chunk(&id)? {
@@ -521,8 +540,9 @@ impl Fetcher {
                 continue;
             }
             own.push((id, len));
+            registered.push(id);
         }
-        Ok((own, waits, local))
+        Ok((own, registered, waits, local))
     }
 
     fn finish(&self, id: &ChunkId, ok: bool) {

@@ -33,6 +33,9 @@ pub struct TransportMetrics {
     pub bad_frames: IntCounter,
     /// Chunk requests answered by a fetch already in flight (coalesced).
     pub coalesced: IntCounter,
+    /// Demand requests for a chunk a prefetch fetch had in flight, fetched
+    /// again at demand priority instead of waiting.
+    pub demand_overtakes: IntCounter,
     /// Connections established (both directions).
     pub connections: IntCounterVec,
 }
@@ -78,6 +81,12 @@ impl TransportMetrics {
         ))
         .unwrap_or_else(|_| bad_metric("coalesced"));
         let _ = reg.register(Box::new(coalesced.clone()));
+        let demand_overtakes = IntCounter::with_opts(opts(
+            "cairn_transport_demand_overtakes_total",
+            "Demand requests for a chunk a prefetch fetch had in flight, fetched again at demand priority instead of waiting",
+        ))
+        .unwrap_or_else(|_| bad_metric("demand_overtakes"));
+        let _ = reg.register(Box::new(demand_overtakes.clone()));
         Self {
             bytes_in: vec_metric!(
                 reg,
@@ -138,6 +147,7 @@ impl TransportMetrics {
             ),
             bad_frames,
             coalesced,
+            demand_overtakes,
             connections: vec_metric!(
                 reg,
                 IntCounterVec,

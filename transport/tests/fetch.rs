@@ -219,6 +219,8 @@ async fn concurrent_fetches_of_one_chunk_coalesce() {
     let recipe = a.store.recipe(&id).unwrap();
     let want: Vec<_> = recipe.chunks().iter().map(|r| (r.id, r.len)).collect();
     let peers = [a.peer()];
+    // The demand call waits for the background call's fetches (it would
+    // not wait for a prefetch: see the test after next).
     let f1 = c.fetcher.fetch_chunks(&want, &peers, Priority::Background);
     let f2 = c.fetcher.fetch_chunks(&want, &peers, Priority::Demand);
     let (r1, r2) = with_timeout(60, async { tokio::join!(f1, f2) }).await;
@@ -297,6 +299,69 @@ async fn demand_is_not_stuck_behind_background() {
     );
     a.stop().await;
     c.stop().await;
+}
+
+/// A demand request for a chunk a prefetch has in flight does not wait for
+/// that fetch: the holder stalls the prefetch's read of the chunk (until
+/// the test lets it go), and the demand fetch still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_does_not_wait_for_a_prefetch_of_the_same_chunk() {
+    init_tracing();
+    let cluster = Cluster::new();
+    let holder = TestNode::start(&cluster, "holder-store", NodeOpts::default());
+    let data = random_bytes(2 * MIB, 9);
+    let id = put(&holder.store, &data, None);
+    let chunks: Vec<_> = holder
+        .store
+        .recipe(&id)
+        .unwrap()
+        .chunks()
+        .iter()
+        .map(|r| (r.id, r.len))
+        .collect();
+    let gated = chunks[0];
+    let gate = Arc::new(Gate::new(holder.store.clone(), gated.0));
+    let a = TestNode::start(
+        &cluster,
+        "a",
+        NodeOpts {
+            source: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    let c = TestNode::start(&cluster, "c", NodeOpts::default());
+    let peers = [a.peer()];
+    let (fetcher, p2) = (c.fetcher.clone(), peers.clone());
+    let bg = tokio::spawn(async move {
+        fetcher
+            .fetch_chunks(&[gated], &p2, Priority::Prefetch)
+            .await
+            .unwrap()
+    });
+    // The prefetch's read of the chunk is now held at the holder.
+    with_timeout(30, async {
+        while !gate.held.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let r = with_timeout(
+        30,
+        c.fetcher
+            .fetch_chunks(&chunks[..2], &peers, Priority::Demand),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.fetched, 2, "{r:?}");
+    assert!(c.store.has_chunk(&gated.0).unwrap());
+    assert_eq!(c.metric("cairn_transport_demand_overtakes_total", &[]), 1.0);
+    assert!(!bg.is_finished(), "the prefetch was still held");
+    gate.release();
+    let r = with_timeout(30, bg).await.unwrap();
+    assert_eq!(r.chunks, 1);
+    a.stop().await;
+    c.stop().await;
+    holder.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -229,6 +229,52 @@ impl ChunkSource for Liar {
     }
 }
 
+/// A source whose first read of one chunk blocks until `release` (every
+/// other read, including later reads of that chunk, is served at once).
+pub struct Gate {
+    pub inner: Arc<Store>,
+    pub gated: ChunkId,
+    pub held: AtomicBool,
+    pub open: std::sync::Mutex<bool>,
+    pub cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn new(inner: Arc<Store>, gated: ChunkId) -> Self {
+        Self {
+            inner,
+            gated,
+            held: AtomicBool::new(false),
+            open: std::sync::Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Let the held read go on.
+    pub fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl ChunkSource for Gate {
+    fn chunk(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
+        if *id == self.gated && !self.held.swap(true, Ordering::SeqCst) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+        }
+        ChunkSource::chunk(&*self.inner, id)
+    }
+    fn has(&self, id: &ChunkId) -> Result<bool, SourceError> {
+        ChunkSource::has(&*self.inner, id)
+    }
+    fn object(&self, key: &ObjectKey) -> Result<Option<SourceObject>, SourceError> {
+        ChunkSource::object(&*self.inner, key)
+    }
+}
+
 /// A UDP relay the test controls: forwards between one client and `target`,
 /// and drops everything while `cut` is set.
 pub struct Relay {
