@@ -788,10 +788,19 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
          **cairn-full** a fresh Cairn edge node (fresh data dir, `--parent core@10.99.0.1:7443`, NBD and API on its loopback), then `nbdcopy nbd://127.0.0.1:10809/image/NAME null:` (verified untimed with `qemu-img compare` against the original; \
          the destination is nbdcopy's `null:`, not `/dev/null`, because nbdcopy writes a `/dev/null` destination synchronously, one request at a time, \
          which serialises the reads while the copy-first path's regular-file destination gets nbdcopy's usual parallel requests); \
-         **cairn-trace** another fresh edge node and the same qemu-io replay against its export. \
+         **cairn-warm** right after that (same edge node, image now complete there: every read local) the same qemu-io replay against its export: warm local; \
+         then three more fresh edge nodes (fresh data dirs), each replaying the trace once against its export: \
+         **cairn-lazy** with `[prefetch] enabled = false` (chunks fetched on demand only), **cairn-profile** with the defaults (`enabled = true`, `use_profile = true`, lead 16M, 8 in flight), \
+         **cairn-successors** with `use_profile = false` (successor model only). The edge nodes get these settings from a `--config` TOML file (`version = 1` plus `[prefetch]`; cairn-full uses the defaults too). \
+         Before the reps, the trace is replayed once with qemu-io against the core's own export (core namespace, loopback) as training: the core records the access trace and publishes `prefetch/<OBJECT>` from it, \
+         which each edge fetches (background priority) when its export opens; the scenario waits until the core's `GET /api/v1/vm-images/NAME/traces` lists the trace, then 2 s. \
          Every step is the wall time of its client process (connection set-up included). \
-         Ratio (a) = cairn-full / copy-full; ratio (b) = cairn-trace / (copy-full + copy-trace); both per rep, then min / median / max over the reps. \
-         WAN bytes are IP bytes the link model delivered core→edge during the step; the edge's `/metrics` give `cairn_nbd_fetched_bytes_total` and `cairn_transport_peer_bytes_in_total` (all series summed). \
+         Replays run as `stdbuf -oL qemu-io …`: every read is quiet (`read -q`) except the trace's first file-extent read (the first read beyond the image's head), whose completion line `read N/N bytes at offset X` \
+         the harness timestamps as it arrives on the pipe: **first useful work** (DADI-style) = seconds from spawning the replay until that line. \
+         After each Cairn step the harness waits 0.3 s, then polls the edge's `/metrics` (every 0.1 s, up to 10 s) until `cairn_prefetch_active` is 0, so the export has closed and unread prefetched bytes count as wasted. \
+         Targets (issue 6/8), judged on the median of the per-rep ratios: cairn-profile / cairn-warm ≤ 1.3; cairn-lazy / cairn-profile ≥ 3; prefetch wasted / fetched bytes (cairn-profile) ≤ 10%. \
+         Ratio (a) = cairn-full / copy-full; ratio (b) = cairn-lazy / (copy-full + copy-trace); ratio (c) = cairn-profile / (copy-full + copy-trace); all per rep, then min / median / max over the reps. \
+         WAN bytes are IP bytes the link model delivered core→edge during the step; the edge's `/metrics` give `cairn_nbd_fetched_bytes_total` (demand fetches), `cairn_transport_peer_bytes_in_total`, `cairn_nbd_image_reads_total{source}`, `cairn_nbd_demand_fetch_seconds`, `cairn_prefetch_bytes_total{outcome}` and `cairn_prefetch_reads_total{kind}`. \
          nbdcopy skips ranges the server reports as holes (qemu-nbd: the sparse file's holes; Cairn: all-zero chunks) on both paths.\n\n\
          The trace: deterministic (splitmix64, the seed above) over the blocks holding data; about the given percentage of the image's 4 KiB blocks, \
          two thirds in the head of the image (its first 1/8: superblock, group descriptors, bitmaps, inode tables, directories, first small files; positions biased to its start, runs of 1–8 blocks), \
@@ -810,6 +819,21 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
                 )
             })
             .collect::<serde_json::Map<_, _>>();
+        let first_work = [
+            "cairn-warm",
+            "cairn-lazy",
+            "cairn-profile",
+            "cairn-successors",
+            "copy-first",
+        ]
+        .iter()
+        .map(|w| {
+            (
+                (*w).to_owned(),
+                serde_json::json!(Stats::of(&report.first_work(w))),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>();
         let json = serde_json::json!({
             "date": date,
             "command": command,
@@ -823,11 +847,21 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
                 "copy_first_trace_secs": Stats::of(&report.copy_first_trace_secs()),
                 "ratio_full_cairn_copy_first": Stats::of(&report.ratios_full()),
                 "ratio_trace_cairn_copy_first": Stats::of(&report.ratios_trace()),
-                "wan_bytes_core_to_edge_median": {
-                    "copy-full": report.wan_bytes("copy-full"),
-                    "cairn-full": report.wan_bytes("cairn-full"),
-                    "cairn-trace": report.wan_bytes("cairn-trace"),
-                },
+                "ratio_trace_profile_copy_first": Stats::of(&report.ratios("cairn-profile", "copy-first")),
+                "prefetch_targets": report.targets().into_iter().map(|(what, target, v, pass)| {
+                    serde_json::json!({
+                        "what": what,
+                        "target": target,
+                        "per_rep": v,
+                        "stats": Stats::of(&v),
+                        "pass": pass,
+                    })
+                }).collect::<Vec<_>>(),
+                "first_useful_work_secs": first_work,
+                "wan_bytes_core_to_edge_median": cairn_wan::vm_nbd::STEPS
+                    .iter()
+                    .map(|(w, _)| ((*w).to_owned(), serde_json::json!(report.wan_bytes(w))))
+                    .collect::<serde_json::Map<_, _>>(),
             },
         });
         write_report(

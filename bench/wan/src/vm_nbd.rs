@@ -22,13 +22,35 @@
 //!    synchronously, one request at a time, which serialised the demand
 //!    fetches; the copy-first step writes a regular file, which nbdcopy
 //!    drives concurrently, so both full reads are fair.
-//! 4. **cairn, trace**: another fresh edge node, the same trace replayed
-//!    with `qemu-io` straight against its export (chunks fetched on demand).
+//! 4. **cairn, warm** (`cairn-warm`): right after that, on the same edge
+//!    (the image now complete there), the boot-like trace replayed with
+//!    `qemu-io` against its export: every read local (warm local).
+//! 5. **cairn, lazy** (`cairn-lazy`): a fresh edge node with `[prefetch]
+//!    enabled = false`, the same replay (chunks fetched on demand only).
+//! 6. **cairn, profile** (`cairn-profile`): a fresh edge node with the
+//!    prefetch defaults (profile prefetch), the same replay.
+//! 7. **cairn, successors** (`cairn-successors`): a fresh edge node with
+//!    `use_profile = false` (successor model only), the same replay.
 //!
-//! Ratios per rep: full = cairn full / copy-first full; trace = cairn trace
-//! / (copy-first full + local replay). The bytes crossing the link come from
-//! the link model (IP bytes) and from the edge's `/metrics`
-//! (`cairn_nbd_fetched_bytes_total`, `cairn_transport_peer_bytes_in_total`).
+//! Edge nodes get their `[prefetch]` section from a `--config` TOML file.
+//! Before the reps, the trace is replayed once against the **core's own
+//! export** (core namespace, loopback): the core records the access trace
+//! and publishes `prefetch/<OBJECT>`, which the edges fetch when their
+//! exports open (training: a boot repeats its reads). The scenario waits
+//! until the core's traces API lists the trace.
+//!
+//! Ratios per rep: full = cairn full / copy-first full; trace = cairn lazy
+//! / (copy-first full + local replay); and the prefetch targets of issue
+//! 6/8: profile / warm ≤ 1.3, lazy / profile ≥ 3, prefetch wasted / fetched
+//! bytes ≤ 10%. The bytes crossing the link come from the link model (IP
+//! bytes) and from the edge's `/metrics` (demand fetches, transport bytes,
+//! image reads by source, `cairn_prefetch_*`), read after each step once
+//! `cairn_prefetch_active` is 0 (the export closed, wasted bytes counted).
+//!
+//! **First useful work** (DADI-style): every replayed read is quiet except
+//! the trace's first file-extent read (the first read beyond the image's
+//! head, [`Trace::first_extent_read`]); the replay runs under `stdbuf -oL`
+//! and the harness timestamps that read's completion line as it arrives.
 //!
 //! ## The trace
 //!
@@ -368,6 +390,13 @@ pub struct Trace {
     pub extents: usize,
     /// Blocks in the image.
     pub image_blocks: u64,
+    /// Bytes of the image's head (its first 1/8: metadata, directories,
+    /// first small files).
+    pub head_bytes: u64,
+    /// Index in `reads` of the first file-extent read (the first read
+    /// beyond the head): the workload's first useful work (DADI-style
+    /// figure). The replay prints this read's completion (the marker).
+    pub first_extent_read: Option<usize>,
 }
 
 impl Trace {
@@ -379,12 +408,18 @@ impl Trace {
     pub fn bytes(&self) -> u64 {
         self.reads.iter().map(|r| r.len).sum()
     }
-    /// The `qemu-io` arguments replaying it (`-c` pairs).
+    /// The `qemu-io` arguments replaying it (`-c` pairs). Every read is
+    /// quiet (`-q`) except the first file-extent read, whose completion
+    /// line (`read N/N bytes at offset X`) is the first-useful-work marker.
     pub fn qemu_io_args(&self) -> Vec<String> {
         let mut v = Vec::with_capacity(self.reads.len() * 4);
-        for r in &self.reads {
+        for (i, r) in self.reads.iter().enumerate() {
             v.push("-c".to_owned());
-            v.push(format!("read -q {} {}", r.offset, r.len));
+            if Some(i) == self.first_extent_read {
+                v.push(format!("read {} {}", r.offset, r.len));
+            } else {
+                v.push(format!("read -q {} {}", r.offset, r.len));
+            }
             if r.think_ms > 0 {
                 v.push("-c".to_owned());
                 v.push(format!("sleep {}", r.think_ms));
@@ -516,7 +551,10 @@ pub fn boot_trace(image_blocks: u64, data: &[u64], fraction: f64, seed: u64) -> 
         last.think_ms = 0;
     }
     let metadata_blocks = seen.iter().filter(|&&b| b < meta_end).count() as u64;
+    let first_extent_read = reads.iter().position(|r| r.offset >= meta_end * BLOCK);
     Trace {
+        head_bytes: meta_end * BLOCK,
+        first_extent_read,
         seed,
         distinct_blocks: seen.len() as u64,
         metadata_blocks,
@@ -546,6 +584,144 @@ impl Node {
             .map(|l| l.chars().take(300).collect())
             .collect()
     }
+
+    /// The prefetcher's "prefetch started" line among the log lines after
+    /// the first `skip`: (profile chunks it follows, chunks missing when
+    /// the export opened), from the last such line.
+    fn prefetch_started(&self, skip: usize) -> Option<PrefetchStarted> {
+        let text = strip_ansi(&fs::read_to_string(&self.log).ok()?);
+        let line = text
+            .lines()
+            .skip(skip)
+            .filter(|l| l.contains("prefetch started"))
+            .last()?
+            .to_owned();
+        let field = |name: &str| -> Option<u64> {
+            let i = line.find(&format!("{name}="))? + name.len() + 1;
+            let v: String = line[i..].chars().take_while(char::is_ascii_digit).collect();
+            v.parse().ok()
+        };
+        Some(PrefetchStarted {
+            profile_chunks: field("profile_chunks")?,
+            missing_chunks: field("missing")?,
+        })
+    }
+}
+
+/// What the edge's prefetcher logged when it started for an export.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PrefetchStarted {
+    /// Chunks in the access profile it follows (0: successor model only,
+    /// or no profile from anywhere).
+    pub profile_chunks: u64,
+    /// Chunks of the image missing at the edge when the export opened.
+    pub missing_chunks: u64,
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut it = text.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `[prefetch]` section of an edge step's node config (`None`: the
+/// step runs no Cairn node).
+fn edge_prefetch_config(what: &str) -> Option<&'static str> {
+    match what {
+        // The node's defaults (profile prefetch on).
+        "cairn-full" | "cairn-profile" => Some("enabled = true\nuse_profile = true\n"),
+        "cairn-lazy" => Some("enabled = false\n"),
+        "cairn-successors" => Some("enabled = true\nuse_profile = false\n"),
+        _ => None,
+    }
+}
+
+/// The training run at the core (see [`train_core`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Training {
+    /// Wall seconds of the replay against the core's own export.
+    pub secs: f64,
+    /// Traces the core's API lists afterwards.
+    pub traces: usize,
+    /// Entries of the newest one.
+    pub trace_entries: usize,
+    /// Chunks of the image object.
+    pub image_chunks: u64,
+    /// Seconds from the replay's end until the trace was listed.
+    pub wait_secs: f64,
+}
+
+/// Replays the trace once against the core's own export (inside the core
+/// namespace, loopback: the image is complete there), so the core records
+/// an access trace and publishes `prefetch/<OBJECT>` from it; waits until
+/// `GET /api/v1/vm-images/NAME/traces` lists the trace, then 2 s more
+/// (the model is published right after the trace is stored, on the same
+/// thread).
+fn train_core(
+    wan: &Wan,
+    cfg: &VmNbdConfig,
+    export: &str,
+    qemu_io_args: &[String],
+    work: &Path,
+) -> Result<Training> {
+    let before = link_bytes(wan)?;
+    let mut c = wan.command("core", "qemu-io")?;
+    c.args(["-r", "-f", "raw"]).args(qemu_io_args).arg(export);
+    let (secs, to) = timed(
+        c,
+        &work.join("training.log"),
+        cfg.timeout,
+        "training replay at the core",
+    )?;
+    ensure!(!to, "the training replay at the core timed out");
+    let url = format!("http://127.0.0.1:{CAIRN_API_PORT}/api/v1/vm-images/{IMAGE_NAME}/traces");
+    let t = Instant::now();
+    let (traces, trace_entries, image_chunks) = loop {
+        let out = wan.run_in("core", "curl", ["-sf", "--max-time", "10", url.as_str()])?;
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .context("the core's traces API answered no JSON")?;
+            let list = v["traces"].as_array().cloned().unwrap_or_default();
+            if let Some(last) = list.last() {
+                break (
+                    list.len(),
+                    last.as_array().map_or(0, Vec::len),
+                    v["chunks"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the core listed no access trace of {IMAGE_NAME} 30 s after the training replay \
+             (GET {url})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let wait_secs = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        link_bytes(wan)? == before,
+        "the training replay crossed the link"
+    );
+    Ok(Training {
+        secs,
+        traces,
+        trace_entries,
+        image_chunks,
+        wait_secs,
+    })
 }
 
 fn cairn_node(
@@ -554,7 +730,7 @@ fn cairn_node(
     site: &str,
     ca: &Path,
     dir: &Path,
-    parent: Option<&str>,
+    edge: Option<(&str, &str)>,
 ) -> Result<Node> {
     fs::create_dir_all(dir)?;
     let ip = wan.addr(site)?;
@@ -579,8 +755,15 @@ fn cairn_node(
         .args(["--api-listen", &format!("127.0.0.1:{CAIRN_API_PORT}")])
         .args(["--quic-listen", &format!("{ip}:{CAIRN_QUIC_PORT}")])
         .args(["--nbd-listen", &format!("127.0.0.1:{CAIRN_NBD_PORT}")]);
-    if let Some(p) = parent {
-        cmd.arg("--parent").arg(p);
+    if let Some((parent, prefetch)) = edge {
+        let conf = dir.join("cairn.toml");
+        fs::write(&conf, format!("version = 1\n\n[prefetch]\n{prefetch}"))?;
+        cmd.arg("--config")
+            .arg(&conf)
+            .arg("--parent")
+            .arg(parent)
+            // The prefetcher's start line (profile size) for the report.
+            .env("RUST_LOG", "warn,cairn_node::prefetcher=info");
     }
     let guard = spawn_logged(wan, cmd, &log)?;
     crate::scenario::wait_node_started(site, &log)?;
@@ -591,11 +774,44 @@ fn cairn_node(
 
 /// Runs `cmd` with output to `log`; seconds and whether it was killed at
 /// the timeout. A non-zero exit is an error.
-fn timed(mut cmd: Command, log: &Path, timeout: Duration, what: &str) -> Result<(f64, bool)> {
+fn timed(cmd: Command, log: &Path, timeout: Duration, what: &str) -> Result<(f64, bool)> {
+    timed_marked(cmd, log, timeout, what).map(|t| (t.secs, t.timed_out))
+}
+
+/// What [`timed_marked`] measured.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    secs: f64,
+    timed_out: bool,
+    /// Seconds from the spawn until the first stdout line starting with
+    /// `read ` (qemu-io's completion line of the one non-quiet read).
+    marker_secs: Option<f64>,
+}
+
+/// [`timed`], with stdout read line by line as it comes (the command
+/// should be line-buffered: `stdbuf -oL`): the arrival of the first line
+/// starting with `read ` is timed too. Output goes to `log` as well.
+fn timed_marked(mut cmd: Command, log: &Path, timeout: Duration, what: &str) -> Result<Timed> {
+    use std::io::{BufRead as _, Write as _};
     let f = fs::File::create(log)?;
-    cmd.stdout(f.try_clone()?).stderr(f).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(f.try_clone()?)
+        .stdin(Stdio::null());
     let t = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
+    let out = child.stdout.take().context("no stdout pipe")?;
+    let reader = std::thread::spawn(move || {
+        let mut f = f;
+        let mut marker = None;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if marker.is_none() && line.starts_with("read ") {
+                marker = Some(t.elapsed().as_secs_f64());
+            }
+            let _ = writeln!(f, "{line}");
+        }
+        marker
+    });
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break st;
@@ -604,17 +820,27 @@ fn timed(mut cmd: Command, log: &Path, timeout: Duration, what: &str) -> Result<
             let _ = child.kill();
             let _ = child.wait();
             eprintln!("{what} took over {timeout:?}; killed");
-            return Ok((t.elapsed().as_secs_f64(), true));
+            let marker_secs = reader.join().ok().flatten();
+            return Ok(Timed {
+                secs: t.elapsed().as_secs_f64(),
+                timed_out: true,
+                marker_secs,
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     };
     let secs = t.elapsed().as_secs_f64();
+    let marker_secs = reader.join().ok().flatten();
     ensure!(
         status.success(),
         "{what} failed ({status}); log:\n{}",
         tail(log, 20)
     );
-    Ok((secs, false))
+    Ok(Timed {
+        secs,
+        timed_out: false,
+        marker_secs,
+    })
 }
 
 /// Sum of every series of `name` in a Prometheus text exposition.
@@ -652,21 +878,132 @@ pub struct EdgeMetrics {
     pub stalled_reads: Option<u64>,
     /// `cairn_nbd_demand_fetch_seconds_sum`: seconds they waited in all.
     pub stall_secs: Option<f64>,
+    /// `cairn_nbd_image_reads_total{source="local"}`.
+    pub image_reads_local: Option<u64>,
+    /// `cairn_nbd_image_reads_total{source="fetched"}`: reads that waited
+    /// for a demand fetch.
+    pub image_reads_fetched: Option<u64>,
+    /// `cairn_prefetch_bytes_total{outcome="fetched"}`.
+    pub prefetch_fetched_bytes: Option<u64>,
+    /// `cairn_prefetch_bytes_total{outcome="hit"}`: prefetched, then read.
+    pub prefetch_hit_bytes: Option<u64>,
+    /// `cairn_prefetch_bytes_total{outcome="wasted"}`: prefetched, unread
+    /// when the export closed.
+    pub prefetch_wasted_bytes: Option<u64>,
+    /// `cairn_prefetch_chunks_total{outcome="fetched"}`.
+    pub prefetch_fetched_chunks: Option<u64>,
+    /// `cairn_prefetch_chunks_total{outcome="failed"}`.
+    pub prefetch_failed_chunks: Option<u64>,
+    /// `cairn_prefetch_reads_total{kind="avoided"}`.
+    pub prefetch_reads_avoided: Option<u64>,
+    /// `cairn_prefetch_reads_total{kind="stalled"}`.
+    pub prefetch_reads_stalled: Option<u64>,
+    /// `cairn_prefetch_active` when read (0: every prefetch task ended).
+    pub prefetch_active: Option<u64>,
 }
 
-fn edge_metrics(wan: &Wan) -> EdgeMetrics {
-    let url = format!("http://127.0.0.1:{CAIRN_API_PORT}/metrics");
-    let Ok(out) = wan.run_in("edge", "curl", ["-sf", "--max-time", "10", url.as_str()]) else {
-        return EdgeMetrics::default();
+impl EdgeMetrics {
+    /// The counters' growth since `before` (same node).
+    fn since(&self, before: &Self) -> Self {
+        fn d(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            Some(a?.saturating_sub(b.unwrap_or(0)))
+        }
+        Self {
+            nbd_fetched_bytes: d(self.nbd_fetched_bytes, before.nbd_fetched_bytes),
+            nbd_fetched_chunks: d(self.nbd_fetched_chunks, before.nbd_fetched_chunks),
+            transport_bytes_in: d(self.transport_bytes_in, before.transport_bytes_in),
+            stalled_reads: d(self.stalled_reads, before.stalled_reads),
+            stall_secs: self
+                .stall_secs
+                .map(|a| a - before.stall_secs.unwrap_or(0.0)),
+            image_reads_local: d(self.image_reads_local, before.image_reads_local),
+            image_reads_fetched: d(self.image_reads_fetched, before.image_reads_fetched),
+            prefetch_fetched_bytes: d(self.prefetch_fetched_bytes, before.prefetch_fetched_bytes),
+            prefetch_hit_bytes: d(self.prefetch_hit_bytes, before.prefetch_hit_bytes),
+            prefetch_wasted_bytes: d(self.prefetch_wasted_bytes, before.prefetch_wasted_bytes),
+            prefetch_fetched_chunks: d(
+                self.prefetch_fetched_chunks,
+                before.prefetch_fetched_chunks,
+            ),
+            prefetch_failed_chunks: d(self.prefetch_failed_chunks, before.prefetch_failed_chunks),
+            prefetch_reads_avoided: d(self.prefetch_reads_avoided, before.prefetch_reads_avoided),
+            prefetch_reads_stalled: d(self.prefetch_reads_stalled, before.prefetch_reads_stalled),
+            prefetch_active: self.prefetch_active,
+        }
+    }
+}
+
+/// Sum of the series of `name` that carry the label `label="value"`.
+pub fn metric_labeled(text: &str, name: &str, label: &str, value: &str) -> Option<f64> {
+    let want = format!("{label}=\"{value}\"");
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let Some((labels, v)) = rest.split_once('}') else {
+            continue;
+        };
+        if !labels.split(',').any(|kv| kv.trim() == want) {
+            continue;
+        }
+        if let Ok(v) = v.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+fn parse_edge_metrics(text: &str) -> EdgeMetrics {
+    let get = |n: &str| metric_sum(text, n).map(|v| v as u64);
+    // A labelled series appears once first counted: absent is 0 when the
+    // metric's family is exported at all.
+    let lab = |n: &str, l: &str, v: &str| {
+        metric_labeled(text, n, l, v)
+            .or_else(|| text.contains(&format!("# TYPE {n} ")).then_some(0.0))
+            .map(|v| v as u64)
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |n: &str| metric_sum(&text, n).map(|v| v as u64);
     EdgeMetrics {
         nbd_fetched_bytes: get("cairn_nbd_fetched_bytes_total"),
         nbd_fetched_chunks: get("cairn_nbd_fetched_chunks_total"),
         transport_bytes_in: get("cairn_transport_peer_bytes_in_total"),
         stalled_reads: get("cairn_nbd_demand_fetch_seconds_count"),
-        stall_secs: metric_sum(&text, "cairn_nbd_demand_fetch_seconds_sum"),
+        stall_secs: metric_sum(text, "cairn_nbd_demand_fetch_seconds_sum"),
+        image_reads_local: lab("cairn_nbd_image_reads_total", "source", "local"),
+        image_reads_fetched: lab("cairn_nbd_image_reads_total", "source", "fetched"),
+        prefetch_fetched_bytes: lab("cairn_prefetch_bytes_total", "outcome", "fetched"),
+        prefetch_hit_bytes: lab("cairn_prefetch_bytes_total", "outcome", "hit"),
+        prefetch_wasted_bytes: lab("cairn_prefetch_bytes_total", "outcome", "wasted"),
+        prefetch_fetched_chunks: lab("cairn_prefetch_chunks_total", "outcome", "fetched"),
+        prefetch_failed_chunks: lab("cairn_prefetch_chunks_total", "outcome", "failed"),
+        prefetch_reads_avoided: lab("cairn_prefetch_reads_total", "kind", "avoided"),
+        prefetch_reads_stalled: lab("cairn_prefetch_reads_total", "kind", "stalled"),
+        prefetch_active: get("cairn_prefetch_active"),
+    }
+}
+
+fn edge_metrics_once(wan: &Wan) -> EdgeMetrics {
+    let url = format!("http://127.0.0.1:{CAIRN_API_PORT}/metrics");
+    let Ok(out) = wan.run_in("edge", "curl", ["-sf", "--max-time", "10", url.as_str()]) else {
+        return EdgeMetrics::default();
+    };
+    parse_edge_metrics(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The edge's `/metrics` after a step: polled (up to 10 s) until no
+/// prefetch task runs (`cairn_prefetch_active` 0), so the export has
+/// closed and its unread prefetched bytes are counted as wasted.
+fn edge_metrics(wan: &Wan) -> EdgeMetrics {
+    let t = Instant::now();
+    loop {
+        let m = edge_metrics_once(wan);
+        if m.prefetch_active.unwrap_or(0) == 0 || t.elapsed() > Duration::from_secs(10) {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -696,11 +1033,23 @@ pub const STEPS: &[(&str, &str)] = &[
     ),
     (
         "cairn-full",
-        "cairn: nbdcopy of the edge's lazy export to `null:` (fresh edge)",
+        "cairn: nbdcopy of the edge's lazy export to `null:` (fresh edge, prefetch defaults)",
     ),
     (
-        "cairn-trace",
-        "cairn: trace replay (qemu-io) against the edge's lazy export (fresh edge)",
+        "cairn-warm",
+        "warm local: trace replay against the same edge, image complete there (after cairn-full)",
+    ),
+    (
+        "cairn-lazy",
+        "cairn: trace replay against a fresh edge, prefetch off (`enabled = false`)",
+    ),
+    (
+        "cairn-profile",
+        "cairn: trace replay against a fresh edge, profile prefetch (defaults)",
+    ),
+    (
+        "cairn-successors",
+        "cairn: trace replay against a fresh edge, successor model only (`use_profile = false`)",
     ),
 ];
 
@@ -715,14 +1064,21 @@ pub struct Step {
     pub secs: f64,
     /// Killed at the timeout.
     pub timed_out: bool,
+    /// Trace replays: seconds from the start of the qemu-io process until
+    /// the first file-extent read completed (DADI-style "time to first
+    /// useful work"; the copy-first path adds copy-full to it).
+    pub first_work_secs: Option<f64>,
     /// IP bytes the link delivered core→edge during the step.
     pub wan_bytes_core_to_edge: u64,
     /// IP bytes edge→core.
     pub wan_bytes_edge_to_core: u64,
     /// Packets dropped core→edge (loss + queue).
     pub dropped_core_to_edge: u64,
-    /// The edge's counters after the step (cairn steps only).
+    /// The edge's counters after the step (cairn steps only; for
+    /// cairn-warm their growth during the step).
     pub edge: Option<EdgeMetrics>,
+    /// The edge prefetcher's start line during the step, if it started.
+    pub prefetch_started: Option<PrefetchStarted>,
     /// Warning lines of the Cairn nodes' logs.
     pub log_problems: Vec<String>,
 }
@@ -740,6 +1096,8 @@ pub struct VmNbdReport {
     pub trace: Trace,
     /// `cairn image import` at the core (loopback), seconds.
     pub import_secs: f64,
+    /// The training replay at the core.
+    pub training: Training,
     /// Every step, in run order.
     pub steps: Vec<Step>,
 }
@@ -764,14 +1122,128 @@ impl VmNbdReport {
             })
             .collect()
     }
-    /// Per rep: cairn trace replay / (copy-first full copy + local replay).
+    /// Per rep: cairn lazy trace replay (no prefetch) / (copy-first full
+    /// copy + local replay).
     pub fn ratios_trace(&self) -> Vec<f64> {
+        self.ratios("cairn-lazy", "copy-first")
+    }
+    /// Seconds of `what` in rep `r`; `copy-first` is copy-full +
+    /// copy-trace.
+    pub fn secs_at(&self, what: &str, r: usize) -> Option<f64> {
+        if what == "copy-first" {
+            return Some(self.step("copy-full", r)?.secs + self.step("copy-trace", r)?.secs);
+        }
+        Some(self.step(what, r)?.secs)
+    }
+    /// Per rep: seconds of `num` / seconds of `den` (see [`Self::secs_at`]).
+    pub fn ratios(&self, num: &str, den: &str) -> Vec<f64> {
+        (0..self.config.reps)
+            .filter_map(|r| Some(self.secs_at(num, r)? / self.secs_at(den, r)?))
+            .collect()
+    }
+    /// Per rep: time to first useful work (the first file-extent read
+    /// done) of a trace replay step; `copy-first` is copy-full plus the
+    /// local replay's.
+    pub fn first_work(&self, what: &str) -> Vec<f64> {
         (0..self.config.reps)
             .filter_map(|r| {
-                let copy = self.step("copy-full", r)?.secs + self.step("copy-trace", r)?.secs;
-                Some(self.step("cairn-trace", r)?.secs / copy)
+                if what == "copy-first" {
+                    return Some(
+                        self.step("copy-full", r)?.secs
+                            + self.step("copy-trace", r)?.first_work_secs?,
+                    );
+                }
+                self.step(what, r)?.first_work_secs
             })
             .collect()
+    }
+    /// Per rep: wasted / fetched prefetch bytes of a step (reps that
+    /// prefetched nothing are left out).
+    pub fn wasted_fraction(&self, what: &str) -> Vec<f64> {
+        self.steps
+            .iter()
+            .filter(|s| s.what == what)
+            .filter_map(|s| {
+                let e = s.edge?;
+                let f = e.prefetch_fetched_bytes?;
+                (f > 0).then(|| e.prefetch_wasted_bytes.unwrap_or(0) as f64 / f as f64)
+            })
+            .collect()
+    }
+    /// Median of an edge counter of a step over the reps.
+    fn edge_median(&self, what: &str, f: impl Fn(&EdgeMetrics) -> Option<f64>) -> Option<f64> {
+        let v: Vec<f64> = self
+            .steps
+            .iter()
+            .filter(|s| s.what == what)
+            .filter_map(|s| f(s.edge.as_ref()?))
+            .collect();
+        (!v.is_empty()).then(|| Stats::of(&v).median)
+    }
+    /// The issue-6/8 targets: (what, target, per-rep values, pass when
+    /// the median meets the target; `None`: not judged).
+    pub fn targets(&self) -> Vec<(String, String, Vec<f64>, Option<bool>)> {
+        let le = |v: &[f64], t: f64| (!v.is_empty()).then(|| Stats::of(v).median <= t);
+        let ge = |v: &[f64], t: f64| (!v.is_empty()).then(|| Stats::of(v).median >= t);
+        let pw = self.ratios("cairn-profile", "cairn-warm");
+        let lp = self.ratios("cairn-lazy", "cairn-profile");
+        let wp = self.wasted_fraction("cairn-profile");
+        vec![
+            (
+                "profile prefetch / warm local (trace replay seconds)".into(),
+                "≤ 1.3".into(),
+                pw.clone(),
+                le(&pw, 1.3),
+            ),
+            (
+                "lazy without prefetch / profile prefetch".into(),
+                "≥ 3".into(),
+                lp.clone(),
+                ge(&lp, 3.0),
+            ),
+            (
+                "profile prefetch: wasted / fetched prefetch bytes".into(),
+                "≤ 10%".into(),
+                wp.clone(),
+                le(&wp, 0.10),
+            ),
+            (
+                "successor model only / warm local".into(),
+                "(≤ 1.3)".into(),
+                self.ratios("cairn-successors", "cairn-warm"),
+                None,
+            ),
+            (
+                "lazy without prefetch / successor model only".into(),
+                "(≥ 3)".into(),
+                self.ratios("cairn-lazy", "cairn-successors"),
+                None,
+            ),
+            (
+                "successor model only: wasted / fetched prefetch bytes".into(),
+                "(≤ 10%)".into(),
+                self.wasted_fraction("cairn-successors"),
+                None,
+            ),
+            (
+                "copy-first (full copy + local replay) / warm local".into(),
+                "—".into(),
+                self.ratios("copy-first", "cairn-warm"),
+                None,
+            ),
+            (
+                "copy-first (full copy + local replay) / profile prefetch".into(),
+                "—".into(),
+                self.ratios("copy-first", "cairn-profile"),
+                None,
+            ),
+            (
+                "lazy without prefetch / warm local".into(),
+                "—".into(),
+                self.ratios("cairn-lazy", "cairn-warm"),
+                None,
+            ),
+        ]
     }
     /// Per rep: copy-first full + local replay, seconds.
     pub fn copy_first_trace_secs(&self) -> Vec<f64> {
@@ -842,17 +1314,137 @@ impl VmNbdReport {
                 .join(", "),
             self.config.timeout.as_secs()
         );
-        let rf = Stats::of(&self.ratios_full());
-        let rt = Stats::of(&self.ratios_trace());
+        let t = &self.training;
         let _ = writeln!(
             md,
-            "| ratio (per rep, lower is better for cairn) | min | median | max |\n|---|---|---|---|\n\
+            "Training: before the reps the same trace was replayed once with qemu-io against the **core's own export** \
+             (core namespace, loopback, image complete there; {:.2} s). The core stored its access trace \
+             (its API listed {} trace(s), the newest with {} entries, for an image of {} chunks, {:.2} s after the replay) \
+             and published `prefetch/<OBJECT>` from it; each fresh edge fetches that model when its export opens. \
+             So the profile comes from **one earlier run of the same trace at the core** (a boot repeats its reads).\n",
+            t.secs, t.traces, t.trace_entries, t.image_chunks, t.wait_secs
+        );
+        let pct = |v: f64| format!("{:.1}%", v * 100.0);
+        md.push_str(
+            "### Prefetch targets (issue 6/8)\n\n| comparison (per rep) | target | min | median | max | result (median) |\n|---|---|---|---|---|---|\n",
+        );
+        for (what, target, v, pass) in self.targets() {
+            let st = Stats::of(&v);
+            let f = |x: f64| {
+                if what.contains("wasted") {
+                    pct(x)
+                } else {
+                    format!("{x:.2}")
+                }
+            };
+            let _ = writeln!(
+                md,
+                "| {what} | {target} | {} | **{}** | {} | {} |",
+                f(st.min),
+                f(st.median),
+                f(st.max),
+                match pass {
+                    Some(true) => "**PASS**".to_owned(),
+                    Some(false) => "**FAIL**".to_owned(),
+                    None if v.is_empty() => "— (no data)".to_owned(),
+                    None => "not judged".to_owned(),
+                }
+            );
+        }
+        md.push('\n');
+        md.push_str(
+            "| variant (trace replay) | seconds min / median / max | first useful work, s (median) | WAN MiB core→edge | demand-fetched MiB | reads that waited for a demand fetch | prefetch fetched / hit / wasted MiB | prefetch: profile chunks followed |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        let med = |v: Option<f64>, scale: f64| {
+            v.map_or("—".to_owned(), |x| format!("{:.2}", x / scale))
+        };
+        for (what, label) in [
+            ("cairn-warm", "warm local (image complete at the edge)"),
+            ("cairn-lazy", "lazy, prefetch off"),
+            ("cairn-profile", "profile prefetch"),
+            ("cairn-successors", "successor model only"),
+            ("copy-first", "copy-first (full copy + local replay)"),
+        ] {
+            let secs: Vec<f64> = (0..self.config.reps)
+                .filter_map(|r| self.secs_at(what, r))
+                .collect();
+            let st = Stats::of(&secs);
+            let fw = self.first_work(what);
+            let wan = if what == "copy-first" {
+                self.wan_bytes("copy-full") + self.wan_bytes("copy-trace")
+            } else {
+                self.wan_bytes(what)
+            };
+            let profile: Vec<f64> = self
+                .steps
+                .iter()
+                .filter(|s| s.what == what)
+                .filter_map(|s| s.prefetch_started.map(|p| p.profile_chunks as f64))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| **{label}** (`{what}`) | {:.2} / **{:.2}** / {:.2} | {} | {:.2} | {} | {} | {} / {} / {} | {} |",
+                st.min,
+                st.median,
+                st.max,
+                if fw.is_empty() {
+                    "—".to_owned()
+                } else {
+                    format!("**{:.2}**", Stats::of(&fw).median)
+                },
+                wan / MIB as f64,
+                med(self.edge_median(what, |e| e.nbd_fetched_bytes.map(|b| b as f64)), MIB as f64),
+                self.edge_median(what, |e| e.image_reads_fetched.map(|b| b as f64))
+                    .map_or("—".to_owned(), |n| format!("{n:.0}")),
+                med(self.edge_median(what, |e| e.prefetch_fetched_bytes.map(|b| b as f64)), MIB as f64),
+                med(self.edge_median(what, |e| e.prefetch_hit_bytes.map(|b| b as f64)), MIB as f64),
+                med(self.edge_median(what, |e| e.prefetch_wasted_bytes.map(|b| b as f64)), MIB as f64),
+                if profile.is_empty() {
+                    "— (no prefetch)".to_owned()
+                } else {
+                    format!("{:.0}", Stats::of(&profile).median)
+                },
+            );
+        }
+        md.push_str(
+            "\nFirst useful work (DADI-style): seconds from the start of the replay's qemu-io process until the trace's first \
+             file-extent read (the first read beyond the image's head) completed; for copy-first, the full copy's seconds plus that.\n\n",
+        );
+        // What the link alone allows a cold edge: the step's WAN bytes at
+        // the link rate, plus one round trip.
+        let rate = self.config.spec.rate_bps as f64;
+        if rate > 0.0 {
+            let wan = self.wan_bytes("cairn-profile");
+            let floor = wan * 8.0 / rate + 2.0 * self.config.spec.delay.as_secs_f64();
+            let warm = Stats::of(&self.secs("cairn-warm")).median;
+            let _ = writeln!(
+                md,
+                "Link floor for a cold edge: the profile replay moved {:.2} MiB core→edge (IP bytes; the trace's {:.2} MiB of distinct blocks \
+                 lie in {:.2} MiB of chunks, compressed on the wire); at {:.0} Mbit/s plus one round trip that alone is **{:.2} s = {:.2}× warm local** \
+                 ({warm:.2} s), whatever the prefetch does.\n",
+                wan / MIB as f64,
+                (tr.distinct_blocks * BLOCK) as f64 / MIB as f64,
+                self.edge_median("cairn-lazy", |e| e.nbd_fetched_bytes.map(|b| b as f64))
+                    .unwrap_or(f64::NAN)
+                    / MIB as f64,
+                rate / 1e6,
+                floor,
+                floor / warm,
+            );
+        }
+        let rf = Stats::of(&self.ratios_full());
+        let rt = Stats::of(&self.ratios_trace());
+        let rp = Stats::of(&self.ratios("cairn-profile", "copy-first"));
+        let _ = writeln!(
+            md,
+            "### Cairn against copy-first\n\n| ratio (per rep, lower is better for cairn) | min | median | max |\n|---|---|---|---|\n\
              | (a) full read: cairn lazy nbdcopy / copy-first full copy | {:.2} | **{:.2}** | {:.2} |\n\
-             | (b) boot-like trace: cairn lazy replay / (copy-first full copy + local replay) | {:.3} | **{:.3}** | {:.3} |\n",
-            rf.min, rf.median, rf.max, rt.min, rt.median, rt.max
+             | (b) boot-like trace: cairn lazy replay, prefetch off / (copy-first full copy + local replay) | {:.3} | **{:.3}** | {:.3} |\n\
+             | (c) boot-like trace: cairn profile prefetch / (copy-first full copy + local replay) | {:.3} | **{:.3}** | {:.3} |\n",
+            rf.min, rf.median, rf.max, rt.min, rt.median, rt.max, rp.min, rp.median, rp.max
         );
         md.push_str(
-            "| step | reps | seconds min / median / max | WAN MiB core→edge (median) | edge fetched MiB (median, /metrics) |\n|---|---|---|---|---|\n",
+            "| step | reps | seconds min / median / max | WAN MiB core→edge (median) | edge demand-fetched MiB (median, /metrics) |\n|---|---|---|---|---|\n",
         );
         for &(what, d) in STEPS {
             let s = Stats::of(&self.secs(what));
@@ -891,27 +1483,35 @@ impl VmNbdReport {
         let cf = Stats::of(&self.copy_first_trace_secs());
         let _ = writeln!(
             md,
-            "| copy-first total for (b): copy-full + copy-trace | {} | {:.2} / **{:.2}** / {:.2} | — | — |\n",
+            "| copy-first total for (b), (c): copy-full + copy-trace | {} | {:.2} / **{:.2}** / {:.2} | — | — |\n",
             self.copy_first_trace_secs().len(),
             cf.min,
             cf.median,
             cf.max
         );
-        let trace_wan = self.wan_bytes("cairn-trace");
+        let trace_wan = self.wan_bytes("cairn-lazy");
         let full_wan = self.wan_bytes("copy-full");
         let _ = writeln!(
             md,
             "- **(a) full read: cairn / copy-first = {:.2}×** (median of per-rep ratios).\n\
-             - **(b) boot-like trace: cairn / copy-first = {:.3}×**; the lazy replay moved {:.2} MiB core→edge \
-             ({:.1}% of the copy-first transfer's {:.1} MiB) for {:.2} MiB of distinct blocks read.\n",
+             - **(b) boot-like trace, prefetch off: cairn / copy-first = {:.3}×**; the lazy replay moved {:.2} MiB core→edge \
+             ({:.1}% of the copy-first transfer's {:.1} MiB) for {:.2} MiB of distinct blocks read.\n\
+             - **(c) boot-like trace, profile prefetch: cairn / copy-first = {:.3}×**; {:.2} MiB core→edge.\n",
             rf.median,
             rt.median,
             trace_wan / MIB as f64,
             trace_wan * 100.0 / full_wan,
             full_wan / MIB as f64,
             (tr.distinct_blocks * BLOCK) as f64 / MIB as f64,
+            rp.median,
+            self.wan_bytes("cairn-profile") / MIB as f64,
         );
-        for what in ["cairn-full", "cairn-trace"] {
+        for what in [
+            "cairn-full",
+            "cairn-lazy",
+            "cairn-profile",
+            "cairn-successors",
+        ] {
             let per: Vec<f64> = self
                 .steps
                 .iter()
@@ -928,12 +1528,16 @@ impl VmNbdReport {
             }
         }
         md.push('\n');
-        md.push_str("Per step (in run order; the edge columns are its `/metrics` after the step):\n\n| rep | step | seconds | WAN MiB core→edge | edge→core MiB | dropped core→edge, pkts | edge nbd fetched MiB (chunks) | edge transport in MiB | reads that waited for a fetch, mean wait ms |\n|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("Per step (in run order; the edge columns are its `/metrics` after the step, for cairn-warm their growth during it; \
+                     prefetch bytes are `cairn_prefetch_bytes_total`, wasted counted when the export closed):\n\n\
+                     | rep | step | seconds | first useful work, s | WAN MiB core→edge | edge→core MiB | dropped core→edge, pkts | edge demand-fetched MiB (chunks) | edge transport in MiB | image reads local / waited for a fetch | demand waits: count, mean ms | prefetch fetched / hit / wasted MiB | prefetch reads avoided / stalled | profile chunks / missing at open |\n\
+                     |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         let mib = |v: Option<u64>| {
             v.map_or("—".to_owned(), |b| {
                 format!("{:.2}", b as f64 / MIB as f64)
             })
         };
+        let num = |v: Option<u64>| v.map_or("—".to_owned(), |n| n.to_string());
         for s in &self.steps {
             let e = s.edge.unwrap_or_default();
             let stalls = match (e.stalled_reads, e.stall_secs) {
@@ -943,11 +1547,12 @@ impl VmNbdReport {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {}{:.2} | {:.2} | {:.2} | {} | {}{} | {} | {} |",
+                "| {} | {} | {}{:.2} | {} | {:.2} | {:.2} | {} | {}{} | {} | {} / {} | {} | {} / {} / {} | {} / {} | {} |",
                 s.rep + 1,
                 s.what,
                 if s.timed_out { "TIMED OUT ≥ " } else { "" },
                 s.secs,
+                s.first_work_secs.map_or("—".to_owned(), |t| format!("{t:.2}")),
                 s.wan_bytes_core_to_edge as f64 / MIB as f64,
                 s.wan_bytes_edge_to_core as f64 / MIB as f64,
                 s.dropped_core_to_edge,
@@ -955,7 +1560,18 @@ impl VmNbdReport {
                 e.nbd_fetched_chunks
                     .map_or(String::new(), |c| format!(" ({c})")),
                 mib(e.transport_bytes_in),
+                num(e.image_reads_local),
+                num(e.image_reads_fetched),
                 stalls,
+                mib(e.prefetch_fetched_bytes),
+                mib(e.prefetch_hit_bytes),
+                mib(e.prefetch_wasted_bytes),
+                num(e.prefetch_reads_avoided),
+                num(e.prefetch_reads_stalled),
+                s.prefetch_started.map_or("—".to_owned(), |p| format!(
+                    "{} / {}",
+                    p.profile_chunks, p.missing_chunks
+                )),
             );
         }
         let problems: Vec<String> = self
@@ -1047,25 +1663,43 @@ fn run_in_work(
     let parent = format!("core@{core_ip}:{CAIRN_QUIC_PORT}");
     let export = format!("nbd://127.0.0.1:{CAIRN_NBD_PORT}/image/{IMAGE_NAME}");
     let qemu_io_args = trace.qemu_io_args();
+    let training = train_core(&wan, cfg, &export, &qemu_io_args, work)?;
+    eprintln!(
+        "training replay at the core: {:.2} s; {} trace(s) stored there",
+        training.secs, training.traces
+    );
     let mut steps = Vec::new();
     for rep in 0..cfg.reps {
         let dir = work.join(format!("rep{rep}"));
         fs::create_dir_all(&dir)?;
+        let local = dir.join("local.raw");
+        // The edge of the current step (kept from cairn-full for
+        // cairn-warm) and its directory.
+        let mut edge: Option<(Node, PathBuf)> = None;
         for &(what, _) in STEPS {
-            let edge_dir = dir.join(format!("edge-{what}"));
-            let edge = if what.starts_with("cairn") {
-                Some(cairn_node(
-                    &wan,
-                    cfg,
-                    "edge",
-                    &ca,
-                    &edge_dir,
-                    Some(&parent),
-                )?)
-            } else {
-                None
+            if what != "cairn-warm" {
+                if let Some((n, d)) = edge.take() {
+                    drop(n);
+                    let _ = fs::remove_dir_all(d);
+                }
+                if let Some(prefetch) = edge_prefetch_config(what) {
+                    let d = dir.join(format!("edge-{what}"));
+                    let n = cairn_node(&wan, cfg, "edge", &ca, &d, Some((&parent, prefetch)))?;
+                    edge = Some((n, d));
+                }
+            }
+            ensure!(
+                edge.is_some() == what.starts_with("cairn"),
+                "{what}: no edge node"
+            );
+            let qemu_io = |site: &str, target: &dyn AsRef<std::ffi::OsStr>| -> Result<Command> {
+                // Line-buffered, so the marker line arrives when printed.
+                let mut c = wan.command(site, "stdbuf")?;
+                c.args(["-oL", "qemu-io", "-r", "-f", "raw"])
+                    .args(&qemu_io_args)
+                    .arg(target);
+                Ok(c)
             };
-            let local = dir.join("local.raw");
             let cmd = match what {
                 "copy-full" => {
                     let mut c = wan.command("edge", "nbdcopy")?;
@@ -1073,11 +1707,7 @@ fn run_in_work(
                         .arg(&local);
                     c
                 }
-                "copy-trace" => {
-                    let mut c = wan.command("edge", "qemu-io")?;
-                    c.args(["-r", "-f", "raw"]).args(&qemu_io_args).arg(&local);
-                    c
-                }
+                "copy-trace" => qemu_io("edge", &local)?,
                 "cairn-full" => {
                     let mut c = wan.command("edge", "nbdcopy")?;
                     // `null:`, not `/dev/null`: nbdcopy writes a
@@ -1086,22 +1716,39 @@ fn run_in_work(
                     c.arg(&export).arg("null:");
                     c
                 }
-                _ => {
-                    let mut c = wan.command("edge", "qemu-io")?;
-                    c.args(["-r", "-f", "raw"]).args(&qemu_io_args).arg(&export);
-                    c
-                }
+                _ => qemu_io("edge", &export)?,
             };
             if what == "copy-full" {
                 // nbdcopy writes into an existing file.
                 fs::File::create(&local)?;
             }
+            // Counters before the step: zero on a fresh edge; for
+            // cairn-warm, what cairn-full and its verification left.
+            let baseline = if what == "cairn-warm" {
+                edge_metrics(&wan)
+            } else {
+                EdgeMetrics::default()
+            };
+            let log_lines_before = edge.as_ref().map_or(0, |(n, _)| {
+                fs::read_to_string(&n.log)
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+            });
             let before = link_bytes(&wan)?;
-            let (secs, timed_out) = timed(cmd, &dir.join(format!("{what}.log")), cfg.timeout, what)
+            let tm = timed_marked(cmd, &dir.join(format!("{what}.log")), cfg.timeout, what)
                 .with_context(|| format!("{what} rep {}", rep + 1))?;
+            let (secs, timed_out) = (tm.secs, tm.timed_out);
             let after = link_bytes(&wan)?;
-            let metrics = edge.as_ref().map(|_| edge_metrics(&wan));
+            let metrics = edge.as_ref().map(|_| {
+                // Let the server see the disconnect before the first scrape.
+                std::thread::sleep(Duration::from_millis(300));
+                edge_metrics(&wan).since(&baseline)
+            });
             let fetched = metrics.and_then(|m| m.nbd_fetched_bytes);
+            let prefetch_started = edge
+                .as_ref()
+                .and_then(|(n, _)| n.prefetch_started(log_lines_before));
             // Verification, untimed.
             if !timed_out {
                 match what {
@@ -1120,7 +1767,10 @@ fn run_in_work(
                     _ => {}
                 }
             }
-            let mut problems = edge.as_ref().map(Node::log_problems).unwrap_or_default();
+            let mut problems = edge
+                .as_ref()
+                .map(|(n, _)| n.log_problems())
+                .unwrap_or_default();
             if edge.is_some() {
                 problems.extend(core.log_problems());
             }
@@ -1129,25 +1779,39 @@ fn run_in_work(
                 rep,
                 secs,
                 timed_out,
+                first_work_secs: tm.marker_secs,
                 wan_bytes_core_to_edge: after.0 - before.0,
                 wan_bytes_edge_to_core: after.1 - before.1,
                 dropped_core_to_edge: after.2 - before.2,
                 edge: metrics,
+                prefetch_started,
                 log_problems: problems,
             };
+            let m = s.edge.unwrap_or_default();
             eprintln!(
-                "rep {} {what:<11} {secs:>7.2} s  WAN {:.2} MiB{}{}",
+                "rep {} {what:<16} {secs:>7.2} s  WAN {:.2} MiB{}{}{}{}",
                 rep + 1,
                 s.wan_bytes_core_to_edge as f64 / MIB as f64,
                 fetched.map_or(String::new(), |b| format!(
-                    "  fetched {:.2} MiB",
+                    "  demand-fetched {:.2} MiB",
                     b as f64 / MIB as f64
                 )),
+                m.prefetch_fetched_bytes
+                    .filter(|&b| b > 0)
+                    .map_or(String::new(), |b| format!(
+                        "  prefetched {:.2} MiB (wasted {:.2})",
+                        b as f64 / MIB as f64,
+                        m.prefetch_wasted_bytes.unwrap_or(0) as f64 / MIB as f64
+                    )),
+                s.first_work_secs
+                    .map_or(String::new(), |t| format!("  first work {t:.2} s")),
                 if timed_out { "  TIMED OUT" } else { "" }
             );
             steps.push(s);
-            drop(edge);
-            let _ = fs::remove_dir_all(&edge_dir);
+        }
+        if let Some((n, d)) = edge.take() {
+            drop(n);
+            let _ = fs::remove_dir_all(d);
         }
         let _ = fs::remove_dir_all(&dir);
     }
@@ -1159,6 +1823,7 @@ fn run_in_work(
         image: img.clone(),
         trace,
         import_secs,
+        training,
         steps,
     })
 }
@@ -1192,5 +1857,44 @@ mod tests {
                  cairn_nbd_fetched_bytes_total{export=\"b\"} 5\ncairn_nbd_fetched_bytes_totalx 7\n";
         assert_eq!(metric_sum(t, "cairn_nbd_fetched_bytes_total"), Some(15.0));
         assert_eq!(metric_sum(t, "nope"), None);
+    }
+
+    #[test]
+    fn labelled_metrics_and_absent_series() {
+        let t = "# TYPE cairn_prefetch_bytes_total counter\n\
+                 cairn_prefetch_bytes_total{outcome=\"fetched\"} 100\n\
+                 cairn_prefetch_bytes_total{outcome=\"hit\"} 90\n";
+        assert_eq!(
+            metric_labeled(t, "cairn_prefetch_bytes_total", "outcome", "hit"),
+            Some(90.0)
+        );
+        let m = parse_edge_metrics(t);
+        assert_eq!(m.prefetch_fetched_bytes, Some(100));
+        // Exported family, series never counted: 0; family absent: None.
+        assert_eq!(m.prefetch_wasted_bytes, Some(0));
+        assert_eq!(m.prefetch_reads_avoided, None);
+        assert_eq!(
+            strip_ansi("\u{1b}[3mprofile_chunks\u{1b}[0m=5"),
+            "profile_chunks=5"
+        );
+    }
+
+    #[test]
+    fn first_extent_read_is_the_marker() {
+        let blocks = 65_536;
+        let data: Vec<u64> = (0..blocks).collect();
+        let t = boot_trace(blocks, &data, 0.03, 1);
+        let i = t.first_extent_read.expect("an extent read");
+        assert!(t.reads[i].offset >= t.head_bytes);
+        assert!(t.reads[..i].iter().all(|r| r.offset < t.head_bytes));
+        let loud: Vec<_> = t
+            .qemu_io_args()
+            .into_iter()
+            .filter(|a| a.starts_with("read ") && !a.starts_with("read -q"))
+            .collect();
+        assert_eq!(
+            loud,
+            vec![format!("read {} {}", t.reads[i].offset, t.reads[i].len)]
+        );
     }
 }

@@ -220,10 +220,26 @@ fn vm_nbd_smoke() -> anyhow::Result<()> {
         assert!(r.wan_bytes(what) > 4.0 * 1024.0 * 1024.0, "{what}");
     }
     assert!(
-        r.wan_bytes("cairn-trace") < r.wan_bytes("copy-full") / 4.0,
+        r.wan_bytes("cairn-lazy") < r.wan_bytes("copy-full") / 4.0,
         "the trace moved {} bytes",
-        r.wan_bytes("cairn-trace")
+        r.wan_bytes("cairn-lazy")
     );
+    // The warm replay reads locally only; every replay timed its first
+    // useful work.
+    assert!(
+        r.wan_bytes("cairn-warm") < 64.0 * 1024.0,
+        "warm moved bytes"
+    );
+    for what in [
+        "cairn-warm",
+        "cairn-lazy",
+        "cairn-profile",
+        "cairn-successors",
+        "copy-first",
+    ] {
+        assert_eq!(r.first_work(what).len(), 1, "{what}");
+    }
+    assert_eq!(r.training.traces, 1);
     assert_eq!(r.wan_bytes("copy-trace"), 0.0);
     assert_eq!(r.ratios_full().len(), 1);
     assert_eq!(r.ratios_trace().len(), 1);
