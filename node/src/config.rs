@@ -197,7 +197,7 @@ pub struct PrefetchSection {
     /// How far ahead of the reader prefetch may run, e.g. `"16M"`
     /// (default 16 MiB; 64 KiB to 1 GiB).
     pub lead: Option<String>,
-    /// Prefetch requests in flight at most (default 8; 1 to 64).
+    /// Prefetched chunks in flight at most (default 32; 1 to 256).
     pub max_inflight: Option<usize>,
     /// Follow access profiles (default true); false leaves only the
     /// successor model, which predicts after each read.
@@ -492,9 +492,9 @@ impl NodeConfig {
             c.prefetch.lead_bytes = v;
         }
         if let Some(n) = f.prefetch.max_inflight {
-            if !(1..=64).contains(&n) {
+            if !(1..=256).contains(&n) {
                 return Err(ConfigError::Invalid(format!(
-                    "prefetch.max_inflight: {n} is outside 1..64"
+                    "prefetch.max_inflight: {n} is outside 1..256"
                 )));
             }
             c.prefetch.max_inflight = n;
@@ -708,7 +708,7 @@ mod tests {
         );
         assert!(c.prefetch.enabled && c.prefetch.use_profile);
         assert_eq!(c.prefetch.lead_bytes, 16 << 20);
-        assert_eq!(c.prefetch.max_inflight, 8);
+        assert_eq!(c.prefetch.max_inflight, 32);
     }
 
     #[test]
@@ -725,7 +725,7 @@ mod tests {
             "lead = \"1K\"",
             "lead = \"2G\"",
             "max_inflight = 0",
-            "max_inflight = 65",
+            "max_inflight = 257",
         ] {
             let e = cfg(bad).unwrap_err().to_string();
             assert!(e.contains("prefetch."), "{bad}: {e}");

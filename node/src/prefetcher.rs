@@ -41,7 +41,7 @@ const MODEL_MAGIC: &[u8; 4] = b"CPM1";
 /// Largest model object read back.
 const MAX_MODEL_BYTES: u64 = 64 << 20;
 /// Chunks per fetch call: small, so arrivals are reported promptly.
-const CHUNKS_PER_CALL: usize = 4;
+const CHUNKS_PER_CALL: usize = 8;
 
 /// `[prefetch]` settings.
 #[derive(Debug, Clone)]
@@ -51,7 +51,8 @@ pub struct PrefetchSettings {
     /// Bytes prefetch may run ahead of the reader (default 16 MiB: about
     /// ten round trips of a 100 Mbit/s × 100 ms link).
     pub lead_bytes: u64,
-    /// Prefetch requests in flight at most (default 8).
+    /// Prefetched chunks in flight at most (default 32: about 2 MiB, a
+    /// few bandwidth-delay products of a 100 Mbit/s × 50 ms link).
     pub max_inflight: usize,
     /// Follow access profiles (default true); false leaves only the
     /// successor model, which predicts after each read (for comparison).
@@ -63,7 +64,7 @@ impl Default for PrefetchSettings {
         Self {
             enabled: true,
             lead_bytes: 16 << 20,
-            max_inflight: 8,
+            max_inflight: 32,
             use_profile: true,
         }
     }

@@ -790,7 +790,7 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
          which serialises the reads while the copy-first path's regular-file destination gets nbdcopy's usual parallel requests); \
          **cairn-warm** right after that (same edge node, image now complete there: every read local) the same qemu-io replay against its export: warm local; \
          then three more fresh edge nodes (fresh data dirs), each replaying the trace once against its export: \
-         **cairn-lazy** with `[prefetch] enabled = false` (chunks fetched on demand only), **cairn-profile** with the defaults (`enabled = true`, `use_profile = true`, lead 16M, 8 in flight), \
+         **cairn-lazy** with `[prefetch] enabled = false` (chunks fetched on demand only), **cairn-profile** with the defaults (`enabled = true`, `use_profile = true`, lead 16M, 32 chunks in flight), \
          **cairn-successors** with `use_profile = false` (successor model only). The edge nodes get these settings from a `--config` TOML file (`version = 1` plus `[prefetch]`; cairn-full uses the defaults too). \
          Before the reps, the trace is replayed once with qemu-io against the core's own export (core namespace, loopback) as training: the core records the access trace and publishes `prefetch/<OBJECT>` from it, \
          which each edge fetches (background priority) when its export opens; the scenario waits until the core's `GET /api/v1/vm-images/NAME/traces` lists the trace, then 2 s. \
