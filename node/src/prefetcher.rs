@@ -254,12 +254,13 @@ async fn run(
     let (store, h) = (env.store.clone(), handle.clone());
     let (local, lens, traces) = tokio::task::spawn_blocking(move || {
         let chunks = h.recipe().chunks();
-        let mut local = Vec::with_capacity(chunks.len());
-        let mut lens = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            local.push(store.has_chunk(&c.id)?);
-            lens.push(c.len);
-        }
+        let missing: std::collections::HashSet<_> = store
+            .missing_chunks(h.recipe())?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let local: Vec<bool> = chunks.iter().map(|c| !missing.contains(&c.id)).collect();
+        let lens: Vec<u32> = chunks.iter().map(|c| c.len).collect();
         let traces = crate::trace::load(&store, &object)?;
         Ok::<_, StoreError>((local, lens, traces))
     })
@@ -475,15 +476,13 @@ async fn fetch_model(
         Err(cairn_transport::FetchError::NotFound(_)) => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    let store = env.store.clone();
+    let (store, object) = (env.store.clone(), *object);
     tokio::task::spawn_blocking(move || {
-        let h = store.open_object(&id).map_err(|e| e.to_string())?;
-        if h.len() > MAX_MODEL_BYTES {
-            return Err(format!("model of {} bytes", h.len()));
+        match crate::trace::read_small(&store, &id, MAX_MODEL_BYTES) {
+            Ok(Some(b)) => Ok(decode_model(&b)),
+            Ok(None) => Err(format!("model of {object} over {MAX_MODEL_BYTES} bytes")),
+            Err(e) => Err(e.to_string()),
         }
-        let mut b = vec![0u8; h.len() as usize];
-        h.read_at(0, &mut b).map_err(|e| e.to_string())?;
-        Ok(decode_model(&b))
     })
     .await
     .map_err(|e| e.to_string())?

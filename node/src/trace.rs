@@ -185,18 +185,23 @@ pub fn load(store: &Store, object: &ObjectId) -> Result<Vec<Vec<TraceEntry>>, St
     let p = prefix(object);
     let mut out = Vec::new();
     for (_, e) in store.names_with_prefix(&p)? {
-        let id = e.object;
-        let h = store.open_object(&id)?;
-        if h.len() > 64 << 20 {
-            continue;
-        }
-        let mut b = vec![0u8; h.len() as usize];
-        h.read_at(0, &mut b)?;
-        if let Some(t) = decode(&b) {
+        if let Some(t) = read_small(store, &e.object, 64 << 20)?.and_then(|b| decode(&b)) {
             out.push(t);
         }
     }
     Ok(out)
+}
+
+/// The bytes of a small object (a trace, a prefetch model); `None` when it
+/// is over `max` bytes.
+pub fn read_small(store: &Store, id: &ObjectId, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let h = store.open_object(id)?;
+    if h.len() > max {
+        return Ok(None);
+    }
+    let mut b = vec![0u8; h.len() as usize];
+    h.read_at(0, &mut b)?;
+    Ok(Some(b))
 }
 
 #[cfg(test)]

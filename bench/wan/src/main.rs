@@ -61,9 +61,10 @@ enum ScenarioCmd {
     VmNbd(VmNbdArgs),
 }
 
+/// Flags every scenario takes.
 #[derive(Debug, clap::Args)]
-struct VmNbdArgs {
-    /// Smoke run: 32 MiB image, one rep, no link self-check, no files
+struct ScenarioArgs {
+    /// Smoke run: a small image, one rep, no link self-check, no files
     /// written unless --out is given.
     #[arg(long)]
     quick: bool,
@@ -79,6 +80,56 @@ struct VmNbdArgs {
     /// Repetitions (default 3; 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
+    /// The cairn binary (default: target/release/cairn of this workspace).
+    #[arg(long, env = "CAIRN_BIN")]
+    cairn: Option<PathBuf>,
+    /// Scratch root (image cache, work dirs).
+    #[arg(long, default_value = "/tmp")]
+    tmp: PathBuf,
+    /// Seconds allowed for one timed step (a pull, a copy, a replay).
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Skip the link self-check.
+    #[arg(long)]
+    skip_check: bool,
+    /// Seconds per iperf3 run of the self-check.
+    #[arg(long, default_value_t = 5)]
+    check_duration_s: u64,
+    /// Directory for wan-scenarioN-DATE.{md,json} (default bench/results;
+    /// with --quick nothing is written unless given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Suffix for the file names.
+    #[arg(long)]
+    suffix: Option<String>,
+}
+
+impl ScenarioArgs {
+    /// The link both directions get (queue: one BDP, at least 50 ms).
+    fn link(&self) -> Result<LinkSpec> {
+        let mut link = spec(self.delay_ms, 0.0, self.rate_mbit, self.loss)?;
+        link.queue = QueueLimit::Auto;
+        Ok(link)
+    }
+
+    fn reps(&self) -> usize {
+        self.reps.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
+    }
+
+    fn cairn(&self) -> PathBuf {
+        self.cairn.clone().unwrap_or_else(default_cairn)
+    }
+
+    /// The link self-check (skipped with --skip-check or --quick).
+    fn check(&self, link: LinkSpec) -> Result<Option<CheckReport>> {
+        link_check(self.skip_check || self.quick, link, self.check_duration_s)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct VmNbdArgs {
+    #[command(flatten)]
+    common: ScenarioArgs,
     /// Size of the raw disk image in MiB (default 256; 32 with --quick).
     #[arg(long)]
     image_mib: Option<u64>,
@@ -96,48 +147,12 @@ struct VmNbdArgs {
     /// with cubic the 0.5% loss starves Cairn, see scenario 1) or cubic.
     #[arg(long, default_value = "bbr")]
     congestion: String,
-    /// The cairn binary (default: target/release/cairn of this workspace).
-    #[arg(long, env = "CAIRN_BIN")]
-    cairn: Option<PathBuf>,
-    /// Scratch root (image cache, work dirs).
-    #[arg(long, default_value = "/tmp")]
-    tmp: PathBuf,
-    /// Seconds allowed for one timed step.
-    #[arg(long, default_value_t = 300)]
-    timeout_s: u64,
-    /// Skip the link self-check.
-    #[arg(long)]
-    skip_check: bool,
-    /// Seconds per iperf3 run of the self-check.
-    #[arg(long, default_value_t = 5)]
-    check_duration_s: u64,
-    /// Directory for wan-scenario3-DATE.{md,json} (default bench/results;
-    /// with --quick nothing is written unless given).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Suffix for the file names.
-    #[arg(long)]
-    suffix: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
 struct ImageUpdateArgs {
-    /// Smoke run: small image (~8 MiB), one rep, no link self-check, no
-    /// files written unless --out is given.
-    #[arg(long)]
-    quick: bool,
-    /// One-way delay in ms (RTT is twice this).
-    #[arg(long, default_value_t = 25.0)]
-    delay_ms: f64,
-    /// Rate in Mbit/s (IP bytes).
-    #[arg(long, default_value_t = 100.0)]
-    rate_mbit: f64,
-    /// Random loss in percent.
-    #[arg(long, default_value_t = 0.5)]
-    loss: f64,
-    /// Repetitions per contestant (default 3; 1 with --quick).
-    #[arg(long)]
-    reps: Option<usize>,
+    #[command(flatten)]
+    common: ScenarioArgs,
     /// MiB of real files in the image before compression (default 320; 8
     /// with --quick).
     #[arg(long)]
@@ -151,85 +166,27 @@ struct ImageUpdateArgs {
     /// Uncompressed tar layers (both versions) instead of gzip.
     #[arg(long)]
     uncompressed: bool,
-    /// The cairn binary (default: target/release/cairn of this workspace).
-    #[arg(long, env = "CAIRN_BIN")]
-    cairn: Option<PathBuf>,
     /// Contestants in run order, comma-separated: cairn (node default
     /// CUBIC), cairn-bbr (both Cairn nodes with --congestion bbr), direct,
     /// proxy.
     #[arg(long, value_delimiter = ',', default_value = "cairn-bbr,direct,proxy")]
     contestants: Vec<String>,
-    /// Scratch root (image cache, work dirs).
-    #[arg(long, default_value = "/tmp")]
-    tmp: PathBuf,
-    /// Seconds allowed for one pull.
-    #[arg(long, default_value_t = 300)]
-    timeout_s: u64,
-    /// Skip the link self-check.
-    #[arg(long)]
-    skip_check: bool,
-    /// Seconds per iperf3 run of the self-check.
-    #[arg(long, default_value_t = 5)]
-    check_duration_s: u64,
-    /// Directory for wan-scenario2-DATE.{md,json} (default bench/results;
-    /// with --quick nothing is written unless given).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Suffix for the file names.
-    #[arg(long)]
-    suffix: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
 struct ColdPullArgs {
-    /// Smoke run: small image (~8 MiB), one rep, no link self-check, no
-    /// files written unless --out is given.
-    #[arg(long)]
-    quick: bool,
-    /// One-way delay in ms (RTT is twice this).
-    #[arg(long, default_value_t = 25.0)]
-    delay_ms: f64,
-    /// Rate in Mbit/s (IP bytes).
-    #[arg(long, default_value_t = 100.0)]
-    rate_mbit: f64,
-    /// Random loss in percent.
-    #[arg(long, default_value_t = 0.5)]
-    loss: f64,
-    /// Repetitions per contestant (default 3; 1 with --quick).
-    #[arg(long)]
-    reps: Option<usize>,
+    #[command(flatten)]
+    common: ScenarioArgs,
     /// MiB of real files in the image before gzip (default 320; 8 with --quick).
     #[arg(long)]
     image_mib: Option<u64>,
     /// Layers (default 4; 2 with --quick).
     #[arg(long)]
     layers: Option<usize>,
-    /// The cairn binary (default: target/release/cairn of this workspace).
-    #[arg(long, env = "CAIRN_BIN")]
-    cairn: Option<PathBuf>,
     /// Contestants in run order, comma-separated: cairn, cairn-bbr (both
     /// Cairn nodes with --congestion bbr), direct, proxy.
     #[arg(long, value_delimiter = ',', default_value = "cairn,direct,proxy")]
     contestants: Vec<String>,
-    /// Scratch root (image cache, work dirs).
-    #[arg(long, default_value = "/tmp")]
-    tmp: PathBuf,
-    /// Seconds allowed for one pull.
-    #[arg(long, default_value_t = 300)]
-    timeout_s: u64,
-    /// Skip the link self-check.
-    #[arg(long)]
-    skip_check: bool,
-    /// Seconds per iperf3 run of the self-check.
-    #[arg(long, default_value_t = 5)]
-    check_duration_s: u64,
-    /// Directory for wan-scenario1-DATE.{md,json} (default bench/results;
-    /// with --quick nothing is written unless given).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Suffix for the file names.
-    #[arg(long)]
-    suffix: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -560,17 +517,17 @@ fn default_cairn() -> PathBuf {
 
 fn cold_pull(a: ColdPullArgs) -> Result<()> {
     use cairn_wan::scenario::{run_cold_pull, ColdPullConfig};
-    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
-    link.queue = QueueLimit::Auto;
+    let c = &a.common;
+    let link = c.link()?;
     let cfg = ColdPullConfig {
         spec: link,
-        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
-        image_file_bytes: a.image_mib.unwrap_or(if a.quick { 8 } else { 320 }) << 20,
-        layers: a.layers.unwrap_or(if a.quick { 2 } else { 4 }).max(1),
-        cairn: a.cairn.unwrap_or_else(default_cairn),
+        reps: c.reps(),
+        image_file_bytes: a.image_mib.unwrap_or(if c.quick { 8 } else { 320 }) << 20,
+        layers: a.layers.unwrap_or(if c.quick { 2 } else { 4 }).max(1),
+        cairn: c.cairn(),
         contestants: a.contestants,
-        tmp: a.tmp,
-        pull_timeout: Duration::from_secs(a.timeout_s),
+        tmp: c.tmp.clone(),
+        pull_timeout: Duration::from_secs(c.timeout_s),
         seed: 1,
     };
     // Fail early and clearly on missing programs.
@@ -578,7 +535,7 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
     let machine = Machine::collect();
     let command = command_line();
     let date = today();
-    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
+    let check = c.check(link)?;
     let report = run_cold_pull(&cfg)?;
     let mut md = format!(
         "# Scenario 1: cold image pull at an edge, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: docker-registry and skopeo use it), load average {} at the start.\n\n",
@@ -591,7 +548,7 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
         "\n## Method\n\nSites `core` (10.99.0.1) and `edge` (10.99.0.2) are network namespaces joined by the cairn-wan userspace link emulator. The image is pushed inside the core namespace (loopback) to a Cairn core node and to docker-registry. Per rep, in the order of `--contestants`: a fresh edge server (fresh data/cache dir) where there is one, then `skopeo --insecure-policy copy --src-tls-verify=false docker://HOST:PORT/bench/img:v1 dir:OUT` in the edge namespace, timed as the wall time of the skopeo process; then the pull is verified (sha256 of every blob, blob set, manifest digest), untimed. Utilisation = image bytes × 8 / seconds / link rate (for a pull killed at the timeout: IP bytes delivered core→edge × 8 / seconds / rate). WAN bytes are IP bytes the link model delivered core→edge during the pull.\n",
     );
     println!("{md}");
-    if let Some(out) = out_dir(a.out, a.quick) {
+    if let Some(out) = out_dir(c.out.clone(), c.quick) {
         let json = serde_json::json!({
             "date": date,
             "command": command,
@@ -613,7 +570,7 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
             &out,
             "wan-scenario1",
             &date,
-            a.suffix.as_deref(),
+            c.suffix.as_deref(),
             &md,
             &json,
         )?;
@@ -624,19 +581,19 @@ fn cold_pull(a: ColdPullArgs) -> Result<()> {
 fn image_update(a: ImageUpdateArgs) -> Result<()> {
     use cairn_wan::image_update::{run_image_update, ImageUpdateConfig};
     use cairn_wan::scenario::Stats;
-    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
-    link.queue = QueueLimit::Auto;
+    let c = &a.common;
+    let link = c.link()?;
     let cfg = ImageUpdateConfig {
         spec: link,
-        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
-        image_file_bytes: a.image_mib.unwrap_or(if a.quick { 8 } else { 320 }) << 20,
-        layers: a.layers.unwrap_or(if a.quick { 2 } else { 4 }).max(1),
+        reps: c.reps(),
+        image_file_bytes: a.image_mib.unwrap_or(if c.quick { 8 } else { 320 }) << 20,
+        layers: a.layers.unwrap_or(if c.quick { 2 } else { 4 }).max(1),
         change_every: a.change_every.max(1),
         uncompressed: a.uncompressed,
-        cairn: a.cairn.unwrap_or_else(default_cairn),
+        cairn: c.cairn(),
         contestants: a.contestants,
-        tmp: a.tmp,
-        pull_timeout: Duration::from_secs(a.timeout_s),
+        tmp: c.tmp.clone(),
+        pull_timeout: Duration::from_secs(c.timeout_s),
         seed: 1,
     };
     // Fail early and clearly on missing programs.
@@ -644,7 +601,7 @@ fn image_update(a: ImageUpdateArgs) -> Result<()> {
     let machine = Machine::collect();
     let command = command_line();
     let date = today();
-    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
+    let check = c.check(link)?;
     let report = run_image_update(&cfg)?;
     let mut md = format!(
         "# Scenario 2: image update v1 → v2 at an edge, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: docker-registry and skopeo use it), load average {} at the start.\n\n",
@@ -693,7 +650,7 @@ fn image_update(a: ImageUpdateArgs) -> Result<()> {
         report.v2.bytes() as f64 / (1 << 20) as f64,
     );
     println!("{md}");
-    if let Some(out) = out_dir(a.out, a.quick) {
+    if let Some(out) = out_dir(c.out.clone(), c.quick) {
         let who = |f: &dyn Fn(&str) -> serde_json::Value| {
             report
                 .config
@@ -736,7 +693,7 @@ fn image_update(a: ImageUpdateArgs) -> Result<()> {
             &out,
             "wan-scenario2",
             &date,
-            a.suffix.as_deref(),
+            c.suffix.as_deref(),
             &md,
             &json,
         )?;
@@ -747,18 +704,18 @@ fn image_update(a: ImageUpdateArgs) -> Result<()> {
 fn vm_nbd(a: VmNbdArgs) -> Result<()> {
     use cairn_wan::scenario::Stats;
     use cairn_wan::vm_nbd::{run_vm_nbd, VmNbdConfig, VmTools};
-    let mut link = spec(a.delay_ms, 0.0, a.rate_mbit, a.loss)?;
-    link.queue = QueueLimit::Auto;
-    let image_mib = a.image_mib.unwrap_or(if a.quick { 32 } else { 256 });
+    let c = &a.common;
+    let link = c.link()?;
+    let image_mib = a.image_mib.unwrap_or(if c.quick { 32 } else { 256 });
     let cfg = VmNbdConfig {
         spec: link,
-        reps: a.reps.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+        reps: c.reps(),
         image_bytes: image_mib << 20,
         file_bytes: a.file_mib.unwrap_or(image_mib * 5 / 8) << 20,
-        cairn: a.cairn.unwrap_or_else(default_cairn),
+        cairn: c.cairn(),
         congestion: a.congestion,
-        tmp: a.tmp,
-        timeout: Duration::from_secs(a.timeout_s),
+        tmp: c.tmp.clone(),
+        timeout: Duration::from_secs(c.timeout_s),
         seed: 1,
         trace_seed: a.trace_seed,
         trace_fraction: a.trace_pct / 100.0,
@@ -768,7 +725,7 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
     let machine = Machine::collect();
     let command = command_line();
     let date = today();
-    let check = link_check(a.skip_check || a.quick, link, a.check_duration_s)?;
+    let check = c.check(link)?;
     let report = run_vm_nbd(&cfg)?;
     let mut md = format!(
         "# Scenario 3: a VM image at an edge over NBD, {date}\n\nCommand (as root; binary from `CARGO_TARGET_DIR=/tmp/wan-target cargo build --release -p cairn-wan`): `{command}`\n\nMachine: {} CPUs ({}), kernel {}, TCP congestion control {} (namespaces inherit it: qemu-nbd and nbdcopy use it), load average {} at the start.\n\n",
@@ -809,7 +766,7 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
          then each file extent follows 1–3 head reads (path lookups; more while the head lags its share); 0–2 ms of think time after each read; one request at a time, in order.\n",
     );
     println!("{md}");
-    if let Some(out) = out_dir(a.out, a.quick) {
+    if let Some(out) = out_dir(c.out.clone(), c.quick) {
         let secs = cairn_wan::vm_nbd::STEPS
             .iter()
             .map(|(w, _)| {
@@ -868,7 +825,7 @@ fn vm_nbd(a: VmNbdArgs) -> Result<()> {
             &out,
             "wan-scenario3",
             &date,
-            a.suffix.as_deref(),
+            c.suffix.as_deref(),
             &md,
             &json,
         )?;
