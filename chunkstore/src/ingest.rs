@@ -27,6 +27,7 @@ use rocksdb::WriteBatch;
 use sha2::Digest;
 
 use crate::chunker::Chunker;
+use crate::compress::{self, CompressProbe};
 use crate::error::{IoContext, Result, StoreError};
 use crate::index::{self, ChunkMeta, Location, NameEntry, ObjectInfo};
 use crate::recipe::Recipe;
@@ -157,9 +158,18 @@ fn spawn_writer(inner: Arc<Inner>, rx: Receiver<(ChunkId, Bytes)>) -> JoinHandle
             let mut seg_guard = seg_writers(&inner);
             let mut stored = 0u64;
             let mut since_writeback = 0u64;
+            // One probe per ingest: this object's bytes decide.
+            let probe = CompressProbe::new();
             for (id, data) in rx {
-                let (meta, payload_len) =
-                    append_chunk(&inner, &mut touched, &mut seg_guard, &id, &data)?;
+                let (meta, payload_len) = append_chunk(
+                    &inner,
+                    &mut touched,
+                    &mut seg_guard,
+                    &id,
+                    &data,
+                    None,
+                    &probe,
+                )?;
                 stored += payload_len;
                 since_writeback += payload_len;
                 if since_writeback >= WRITEBACK_EVERY {
@@ -190,16 +200,22 @@ pub(crate) fn append_chunk(
     seg_guard: &mut SegWriters,
     id: &ChunkId,
     data: &[u8],
+    zstd_form: Option<&[u8]>,
+    probe: &CompressProbe,
 ) -> Result<(ChunkMeta, u64)> {
     let engine = inner.engine.as_ref();
-    let compressed = if inner.cfg.compress {
-        zstd::bulk::compress(data, 1)
-            .ok()
-            .filter(|c| c.len() * 10 <= data.len() * 9)
-    } else {
+    // A frame the chunk arrived in is kept as it is (it was checked to
+    // decompress to `data`); otherwise the probe decides whether to try.
+    let fresh;
+    let compressed: Option<&[u8]> = if !inner.cfg.compress {
         None
+    } else if let Some(z) = zstd_form.filter(|z| compress::pays(z.len(), data.len())) {
+        Some(z)
+    } else {
+        fresh = probe.compress(data);
+        fresh.as_deref()
     };
-    let (payload, flags): (&[u8], u8) = match &compressed {
+    let (payload, flags): (&[u8], u8) = match compressed {
         Some(c) => (c, segment::FLAG_ZSTD),
         None => (data, 0),
     };

@@ -20,6 +20,8 @@
 
 pub mod chunker;
 #[cfg(feature = "store")]
+pub mod compress;
+#[cfg(feature = "store")]
 pub mod engine;
 #[cfg(feature = "store")]
 mod error;
@@ -46,6 +48,8 @@ mod verified;
 
 pub use chunker::{Chunker, ChunkerConfig};
 #[cfg(feature = "store")]
+pub use compress::CompressProbe;
+#[cfg(feature = "store")]
 pub use engine::EngineKind;
 #[cfg(feature = "store")]
 pub use error::{Result, StoreError};
@@ -60,5 +64,9 @@ pub use recipe::{ChunkRef, Recipe};
 #[cfg(feature = "store")]
 pub use remote::PutChunksResult;
 #[cfg(feature = "store")]
-pub use store::{ObjectHandle, ObjectReader, ObjectStat, Store, StoreConfig, StoreSummary};
+pub use store::{
+    ObjectHandle, ObjectReader, ObjectStat, Store, StoreConfig, StoreSummary, StoredChunk,
+};
+#[cfg(feature = "store")]
+pub use verified::FromZstdError;
 pub use verified::{VerifiedChunk, VerifyError};

@@ -62,7 +62,15 @@ impl Store {
                 ));
                 continue;
             }
-            let (meta, stored) = append_chunk(inner, &mut touched, &mut seg_guard, &id, data)?;
+            let (meta, stored) = append_chunk(
+                inner,
+                &mut touched,
+                &mut seg_guard,
+                &id,
+                data,
+                c.zstd().map(|z| &z[..]),
+                &inner.remote_probe,
+            )?;
             res.stored_bytes += stored;
             metas.push((id, meta));
         }

@@ -23,6 +23,7 @@ use quick_cache::sync::Cache;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use crate::chunker::ChunkerConfig;
+use crate::compress::CompressProbe;
 use crate::engine::{open_engine, EngineKind, IoEngine};
 use crate::error::{IoContext, Result, StoreError};
 use crate::index::{self, ChunkMeta, Location, NameEntry, ObjectInfo};
@@ -182,6 +183,9 @@ pub(crate) struct Inner {
     pub(crate) atime: Mutex<HashMap<ChunkId, u64>>,
     pub(crate) clock: AtomicU64,
     pub(crate) metrics: StoreMetrics,
+    /// Whether zstd pays for chunks stored by `put_chunks` (from peers and
+    /// volume writes); each `put_reader` ingest has its own.
+    pub(crate) remote_probe: CompressProbe,
 }
 
 impl std::fmt::Debug for Inner {
@@ -384,6 +388,7 @@ impl Store {
             atime: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(1),
             metrics,
+            remote_probe: CompressProbe::new(),
             cfg,
             dir,
         });
@@ -555,6 +560,42 @@ impl Store {
     pub fn read_chunk_unverified(&self, id: &ChunkId) -> Result<Bytes> {
         let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
         self.read_chunk_with(id, &meta, false)
+    }
+
+    /// A chunk as it is stored, for a peer that checks it itself: the zstd
+    /// frame when it is stored compressed and `accept_zstd`, else its bytes
+    /// (decompressed as [`Store::read_chunk_unverified`] does). Saves the
+    /// decompress-then-compress-again of serving compressible data.
+    pub fn read_chunk_stored(&self, id: &ChunkId, accept_zstd: bool) -> Result<StoredChunk> {
+        let meta = self.chunk_meta(id)?.ok_or(StoreError::ChunkMissing(*id))?;
+        if !(meta.compressed && accept_zstd) {
+            let data = self.read_chunk_with(id, &meta, false)?;
+            return Ok(StoredChunk {
+                raw_len: meta.raw_len,
+                zstd: false,
+                payload: data,
+            });
+        }
+        let (payload, _, _) = match self.read_stored(id, &meta) {
+            Ok(x) => x,
+            // Moved by a compaction since `meta` was cached: look again.
+            Err(StoreError::BadEntry { .. }) => {
+                self.inner.meta_cache.remove(id);
+                return self.read_chunk_unverified(id).map(|data| StoredChunk {
+                    raw_len: data.len() as u32,
+                    zstd: false,
+                    payload: data,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        self.inner.metrics.chunks_read.inc();
+        self.touch(id);
+        Ok(StoredChunk {
+            raw_len: meta.raw_len,
+            zstd: true,
+            payload,
+        })
     }
 
     pub(crate) fn read_chunk_with(
@@ -1237,6 +1278,17 @@ pub struct StoreSummary {
     pub segments: usize,
     /// Budget, if any.
     pub budget_bytes: Option<u64>,
+}
+
+/// A chunk as the store holds it (see [`Store::read_chunk_stored`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    /// Length of the chunk's bytes.
+    pub raw_len: u32,
+    /// `payload` is a zstd frame of `raw_len` bytes.
+    pub zstd: bool,
+    /// The frame, or the bytes themselves.
+    pub payload: Bytes,
 }
 
 /// An open object: random access and sequential streaming.

@@ -13,6 +13,9 @@ use crate::ChunkId;
 pub struct VerifiedChunk {
     id: ChunkId,
     data: Bytes,
+    /// A zstd frame that decompresses to `data`, when the chunk arrived
+    /// compressed: the store keeps it as it is instead of compressing again.
+    zstd: Option<Bytes>,
 }
 
 /// Bytes that do not hash to the id they claim.
@@ -38,7 +41,31 @@ impl VerifiedChunk {
                 len: data.len(),
             });
         }
-        Ok(Self { id, data })
+        Ok(Self {
+            id,
+            data,
+            zstd: None,
+        })
+    }
+
+    /// Decompress a zstd `payload` of `raw_len` bytes and accept it only if
+    /// the result is `id`'s content. The chunk remembers the payload, so a
+    /// store keeps the compressed bytes rather than compressing them again.
+    #[cfg(feature = "store")]
+    pub fn from_zstd(id: ChunkId, payload: Bytes, raw_len: usize) -> Result<Self, FromZstdError> {
+        let data = zstd::bulk::decompress(&payload, raw_len)
+            .map_err(|e| FromZstdError::Decompress(id, e.to_string()))?;
+        if data.len() != raw_len {
+            return Err(FromZstdError::Decompress(
+                id,
+                format!("{} bytes where {raw_len} were announced", data.len()),
+            ));
+        }
+        let mut v = Self::new(id, Bytes::from(data))?;
+        if payload.len() < raw_len {
+            v.zstd = Some(payload);
+        }
+        Ok(v)
     }
 
     /// A chunk made from bytes in hand: its id is their hash, so it is
@@ -47,6 +74,7 @@ impl VerifiedChunk {
         Self {
             id: ChunkId::of(&data),
             data,
+            zstd: None,
         }
     }
 
@@ -58,6 +86,12 @@ impl VerifiedChunk {
     /// The chunk's bytes.
     pub fn data(&self) -> &Bytes {
         &self.data
+    }
+
+    /// The zstd frame the chunk arrived as, if it came compressed (see
+    /// [`VerifiedChunk::from_zstd`]); it decompresses to [`Self::data`].
+    pub fn zstd(&self) -> Option<&Bytes> {
+        self.zstd.as_ref()
     }
 
     /// Length in bytes.
@@ -74,6 +108,18 @@ impl VerifiedChunk {
     pub fn into_parts(self) -> (ChunkId, Bytes) {
         (self.id, self.data)
     }
+}
+
+/// A compressed chunk that could not be accepted.
+#[cfg(feature = "store")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FromZstdError {
+    /// The payload is not a zstd frame of the announced length.
+    #[error("chunk {0}: bad zstd payload: {1}")]
+    Decompress(ChunkId, String),
+    /// It decompressed, but to other bytes.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
 }
 
 #[cfg(test)]
@@ -93,5 +139,30 @@ mod tests {
         assert_eq!(e.expected, id);
         assert_ne!(e.actual, id);
         assert_eq!(e.len, data.len());
+    }
+
+    #[cfg(feature = "store")]
+    #[test]
+    fn from_zstd_keeps_the_frame_and_checks_the_bytes() {
+        let data = Bytes::from(b"compressible ".repeat(100));
+        let id = ChunkId::of(&data);
+        let frame = Bytes::from(zstd::bulk::compress(&data, 1).unwrap());
+        let v = VerifiedChunk::from_zstd(id, frame.clone(), data.len()).unwrap();
+        assert_eq!(v.data(), &data);
+        assert_eq!(v.zstd(), Some(&frame));
+        // Wrong announced length, garbage, and other content are refused.
+        assert!(matches!(
+            VerifiedChunk::from_zstd(id, frame.clone(), data.len() - 1),
+            Err(FromZstdError::Decompress(..))
+        ));
+        assert!(matches!(
+            VerifiedChunk::from_zstd(id, Bytes::from_static(b"not zstd"), 8),
+            Err(FromZstdError::Decompress(..))
+        ));
+        let other = Bytes::from(zstd::bulk::compress(&b"other ".repeat(200), 1).unwrap());
+        assert!(matches!(
+            VerifiedChunk::from_zstd(id, other, 1200),
+            Err(FromZstdError::Verify(_))
+        ));
     }
 }

@@ -599,6 +599,54 @@ fn recipe_then_chunks_from_elsewhere() {
     }
 }
 
+/// A chunk that arrived as a zstd frame is stored as that frame (not
+/// compressed again), reads back as its bytes, and survives reopen and fsck.
+#[test]
+fn chunks_that_arrive_compressed_keep_their_frame() {
+    use cairn_chunkstore::VerifiedChunk;
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: Vec<u8> = b"cairn keeps the frame it was sent ".repeat(2000);
+        let id = cairn_chunkstore::ChunkId::of(&text);
+        // Level 19: smaller than anything the store's own level would make,
+        // so the stored size tells which frame was written.
+        let frame = zstd::bulk::compress(&text, 19).unwrap();
+        let level1 = zstd::bulk::compress(&text, 1).unwrap();
+        assert!(frame.len() < level1.len());
+        let chunk = VerifiedChunk::from_zstd(id, frame.clone().into(), text.len()).unwrap();
+        let compressing = StoreConfig {
+            compress: true,
+            ..cfg(engine)
+        };
+        {
+            let store = Store::open(dir.path(), compressing.clone()).unwrap();
+            let r = store.put_chunks(&[chunk]).unwrap();
+            assert_eq!(r.new_chunks, 1);
+            assert_eq!(r.new_bytes, text.len() as u64);
+            assert_eq!(r.stored_bytes, frame.len() as u64);
+            assert_eq!(store.read_chunk(&id).unwrap(), text);
+        }
+        let store = Store::open(dir.path(), compressing).unwrap();
+        assert_eq!(store.read_chunk(&id).unwrap(), text);
+        assert!(store.fsck(|_| {}).unwrap().is_clean());
+        // A store that does not compress stores the bytes, not the frame.
+        let plain_dir = tempfile::tempdir().unwrap();
+        let plain = Store::open(plain_dir.path(), cfg(engine)).unwrap();
+        let chunk = VerifiedChunk::from_zstd(id, frame.clone().into(), text.len()).unwrap();
+        assert_eq!(
+            plain.put_chunks(&[chunk]).unwrap().stored_bytes,
+            text.len() as u64
+        );
+        assert_eq!(plain.read_chunk(&id).unwrap(), text);
+        // Incompressible chunks from elsewhere are stored raw.
+        let noise = random(64 << 10, 9);
+        let r = store
+            .put_chunks(&[VerifiedChunk::hash(noise.clone().into())])
+            .unwrap();
+        assert_eq!(r.stored_bytes, noise.len() as u64);
+    }
+}
+
 /// Random reads load index entries a window of the recipe at a time. Entries
 /// loaded that way stay right when compaction moves the chunks under open
 /// handles, and reads of objects spanning many windows return the right bytes.

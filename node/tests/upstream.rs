@@ -48,35 +48,53 @@ fn start_docker_registry_with(dir: &std::path::Path, extra: &str) -> Option<Upst
         eprintln!("docker-registry not installed: skipping");
         return None;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let cfg = dir.join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    // The port is picked by binding port 0 and letting it go, so another
+    // test may take it first: then our registry exits at once and we try
+    // again on a new port (and never talk to someone else's listener).
+    for _attempt in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = dir.join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
+                dir.join("data").display()
+            ),
+        )
         .unwrap();
-    let up = Upstream { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&up.addr).is_err() {
-        assert!(Instant::now() < deadline, "docker-registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut up = Upstream { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut exited = false;
+        while std::net::TcpStream::connect(&up.addr).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            if up.child.try_wait().unwrap().is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // A listener that answered may be another test's: ours must still
+        // be running a moment later.
+        std::thread::sleep(Duration::from_millis(200));
+        if exited || up.child.try_wait().unwrap().is_some() {
+            eprintln!("docker-registry exited at start (port {port} taken?); retrying");
+            continue;
+        }
+        return Some(up);
     }
-    Some(up)
+    panic!("docker-registry would not start");
 }
 
 /// Push a blob the way every registry accepts: POST, then PUT with the body.

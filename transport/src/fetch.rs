@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use cairn_chunkstore::{ChunkRef, Recipe, Store, StoreError, VerifiedChunk};
+use cairn_chunkstore::{ChunkRef, FromZstdError, Recipe, Store, StoreError, VerifiedChunk};
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -1106,19 +1106,14 @@ impl Fetcher {
                         )));
                     }
                     bytes_in.inc_by(payload.len() as u64);
-                    let data = if zstd {
-                        match zstd::bulk::decompress(&payload, raw_len as usize) {
-                            Ok(d) if d.len() == raw_len as usize => Bytes::from(d),
-                            _ => {
-                                break Err(Failure::BadData(format!(
-                                    "chunk {id}: bad zstd payload"
-                                )))
-                            }
-                        }
+                    // A compressed chunk keeps its frame: the store writes
+                    // it as it came instead of compressing the bytes again.
+                    let checked = if zstd {
+                        VerifiedChunk::from_zstd(id, payload, raw_len as usize)
                     } else {
-                        payload
+                        VerifiedChunk::new(id, payload).map_err(FromZstdError::Verify)
                     };
-                    match VerifiedChunk::new(id, data) {
+                    match checked {
                         Ok(v) => {
                             total += v.len() as u64;
                             verified.push(v);
@@ -1126,7 +1121,10 @@ impl Fetcher {
                                 verified_items.push(it);
                             }
                         }
-                        Err(e) => {
+                        Err(e @ FromZstdError::Decompress(..)) => {
+                            break Err(Failure::BadData(e.to_string()))
+                        }
+                        Err(FromZstdError::Verify(e)) => {
                             m.verify_failures.with_label_values(&[&peer.label]).inc();
                             work.q.lock().report.verify_failures += 1;
                             break Err(Failure::BadData(e.to_string()));

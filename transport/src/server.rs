@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use cairn_chunkstore::{Recipe, Store, StoreError};
+use cairn_chunkstore::{CompressProbe, Recipe, Store, StoreError, StoredChunk};
 use quinn::VarInt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,6 +49,21 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn chunk_for_peer(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
         self.chunk(id)
     }
+    /// The chunk for a peer as the source holds it: a zstd frame may be
+    /// passed on as it is when the peer accepts zstd (`accept_zstd`).
+    /// Defaults to [`Self::chunk_for_peer`], uncompressed.
+    fn chunk_for_peer_stored(
+        &self,
+        id: &ChunkId,
+        accept_zstd: bool,
+    ) -> Result<Option<StoredChunk>, SourceError> {
+        let _ = accept_zstd;
+        Ok(self.chunk_for_peer(id)?.map(|payload| StoredChunk {
+            raw_len: payload.len() as u32,
+            zstd: false,
+            payload,
+        }))
+    }
     /// Whether the chunk is here.
     fn has(&self, id: &ChunkId) -> Result<bool, SourceError>;
     /// Look an object up by id, digest or name.
@@ -73,6 +88,19 @@ impl ChunkSource for Store {
     fn chunk_for_peer(&self, id: &ChunkId) -> Result<Option<Bytes>, SourceError> {
         match self.read_chunk_unverified(id) {
             Ok(b) => Ok(Some(b)),
+            Err(StoreError::ChunkMissing(_)) | Err(StoreError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(SourceError(e.to_string())),
+        }
+    }
+
+    /// Chunks stored compressed go out as their stored frame.
+    fn chunk_for_peer_stored(
+        &self,
+        id: &ChunkId,
+        accept_zstd: bool,
+    ) -> Result<Option<StoredChunk>, SourceError> {
+        match self.read_chunk_stored(id, accept_zstd) {
+            Ok(c) => Ok(Some(c)),
             Err(StoreError::ChunkMissing(_)) | Err(StoreError::Corrupt { .. }) => Ok(None),
             Err(e) => Err(SourceError(e.to_string())),
         }
@@ -235,7 +263,7 @@ async fn serve_connection(
     from: PeerAddr,
     ctx: Arc<Ctx>,
 ) {
-    let probe = Arc::new(ZstdProbe::default());
+    let probe = Arc::new(CompressProbe::new());
     loop {
         let (send, recv) = tokio::select! {
             _ = ctx.cancel.cancelled() => {
@@ -291,7 +319,7 @@ async fn serve_stream(
     peer: &str,
     from: &PeerAddr,
     ctx: &Ctx,
-    probe: &ZstdProbe,
+    probe: &CompressProbe,
 ) {
     let req = match read_request(&mut recv).await {
         Ok(Some(r)) => r,
@@ -523,68 +551,36 @@ async fn serve_object(
     }
 }
 
-/// After this many chunks in a row on a connection that did not shrink by
-/// 10%, zstd is only tried on one chunk in [`ZSTD_PROBE_EVERY`]:
-/// incompressible data (most image layers) then costs almost no CPU, and
-/// compressible data later on the connection is still noticed.
-const ZSTD_GIVE_UP: u32 = 8;
-const ZSTD_PROBE_EVERY: u64 = 64;
-
-/// Per-connection record of whether zstd has been paying.
-#[derive(Debug, Default)]
-struct ZstdProbe {
-    misses: std::sync::atomic::AtomicU32,
-    seq: std::sync::atomic::AtomicU64,
-}
-
-impl ZstdProbe {
-    fn should_try(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.misses.load(Relaxed) < ZSTD_GIVE_UP
-            || self.seq.fetch_add(1, Relaxed) % ZSTD_PROBE_EVERY == 0
-    }
-
-    fn record(&self, paid: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if paid {
-            self.misses.store(0, Relaxed);
-        } else {
-            let _ = self
-                .misses
-                .fetch_update(Relaxed, Relaxed, |m| Some(m.saturating_add(1)));
-        }
-    }
-}
-
 /// Reads are handed from the blocking reader to the stream in groups of at
 /// most this many bytes (or [`SERVE_GROUP_CHUNKS`] chunks): one wake-up and
 /// one stream write per group instead of per chunk.
 const SERVE_GROUP_BYTES: usize = 512 * 1024;
 const SERVE_GROUP_CHUNKS: usize = 16;
 
-type ReadResult = (ChunkId, Result<Option<Bytes>, SourceError>);
+type ReadResult = (ChunkId, Result<Option<StoredChunk>, SourceError>);
 
 async fn serve_chunks(
     send: &mut quinn::SendStream,
     ids: Vec<ChunkId>,
-    zstd: Option<&ZstdProbe>,
+    zstd: Option<&CompressProbe>,
     peer: &str,
     ctx: &Ctx,
 ) -> Result<(), String> {
     // Reads run on a blocking thread a group or two ahead of the network.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ReadResult>>(2);
     let source = ctx.source.clone();
+    let accept_zstd = zstd.is_some();
     let reader = tokio::task::spawn_blocking(move || {
         let mut group = Vec::with_capacity(SERVE_GROUP_CHUNKS);
         let mut bytes = 0;
         for id in ids {
-            let r = source.chunk_for_peer(&id);
+            let r = source.chunk_for_peer_stored(&id, accept_zstd);
             let stop = r.is_err();
             bytes += r
                 .as_ref()
                 .ok()
                 .and_then(|o| o.as_ref())
-                .map_or(0, |b| b.len());
+                .map_or(0, |c| c.payload.len());
             group.push((id, r));
             if stop || bytes >= SERVE_GROUP_BYTES || group.len() >= SERVE_GROUP_CHUNKS {
                 bytes = 0;
@@ -606,8 +602,8 @@ async fn serve_chunks(
         let mut failed = None;
         let (mut n_bytes, mut n_chunks) = (0u64, 0u64);
         for (id, r) in group {
-            let data = match r {
-                Ok(Some(d)) => d,
+            let chunk = match r {
+                Ok(Some(c)) => c,
                 Ok(None) => {
                     let mut out = BytesMut::new();
                     wire::encode_response(&Response::Missing { id }, &mut out);
@@ -619,8 +615,12 @@ async fn serve_chunks(
                     break;
                 }
             };
-            let raw_len = data.len() as u32;
-            let (payload, compressed) = maybe_compress(data, zstd);
+            let raw_len = chunk.raw_len;
+            let (payload, compressed) = if chunk.zstd {
+                (chunk.payload, true)
+            } else {
+                maybe_compress(chunk.payload, zstd)
+            };
             let header = wire::chunk_frame_header(&id, raw_len, compressed, payload.len());
             n_bytes += payload.len() as u64;
             n_chunks += 1;
@@ -646,21 +646,12 @@ async fn serve_chunks(
     send_frames(send, &[Response::End]).await
 }
 
-/// The chunk's wire payload: zstd when the probe says to try and it saves at
-/// least 10%, else the bytes as they are.
-fn maybe_compress(data: Bytes, zstd: Option<&ZstdProbe>) -> (Bytes, bool) {
-    let Some(probe) = zstd.filter(|p| p.should_try()) else {
-        return (data, false);
-    };
-    match zstd::bulk::compress(&data, 1) {
-        Ok(c) if c.len() * 10 <= data.len() * 9 => {
-            probe.record(true);
-            (Bytes::from(c), true)
-        }
-        _ => {
-            probe.record(false);
-            (data, false)
-        }
+/// The chunk's wire payload: zstd when the connection's probe says to try
+/// and it saves at least 10%, else the bytes as they are.
+fn maybe_compress(data: Bytes, zstd: Option<&CompressProbe>) -> (Bytes, bool) {
+    match zstd.and_then(|p| p.compress(&data)) {
+        Some(c) => (Bytes::from(c), true),
+        None => (data, false),
     }
 }
 

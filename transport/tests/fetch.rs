@@ -481,8 +481,14 @@ async fn bad_frames_close_the_stream_not_the_node() {
 async fn have_bitmap_and_wire_zstd() {
     init_tracing();
     let cluster = Cluster::new();
-    let a = TestNode::start(&cluster, "a", NodeOpts::default());
-    let c = TestNode::start(&cluster, "c", NodeOpts::default());
+    // Both stores compress: A serves its stored frames as they are and C
+    // keeps the frames it receives.
+    let compressing = || NodeOpts {
+        compress: true,
+        ..NodeOpts::default()
+    };
+    let a = TestNode::start(&cluster, "a", compressing());
+    let c = TestNode::start(&cluster, "c", compressing());
     // Compressible data travels compressed and arrives intact.
     let text: Vec<u8> = (0..8 * MIB)
         .map(|i| b"cairn edge data "[i % 16] ^ ((i / 4096) as u8))
@@ -508,6 +514,10 @@ async fn have_bitmap_and_wire_zstd() {
         "zstd on the wire: {wire_bytes} wire bytes for {} bytes",
         report.bytes
     );
+    // Both hold the same compressed bytes.
+    let (sa, sc) = (a.store.summary(), c.store.summary());
+    assert_eq!(sc.physical_bytes, sa.physical_bytes);
+    assert!(sc.physical_bytes * 2 < report.bytes, "{sc:?} {report:?}");
     let conn = c.endpoint.connect(a.addr, "a").unwrap().await.unwrap();
     let recipe = a.store.recipe(&id).unwrap();
     let mut ids: Vec<_> = recipe.chunks().iter().map(|r| r.id).take(9).collect();

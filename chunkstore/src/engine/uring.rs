@@ -8,6 +8,12 @@
 //!
 //! Rings are per thread rather than shared so that no lock sits on the I/O
 //! path and completions never have to be routed to another thread's waiter.
+//!
+//! Only batches of reads ([`IoEngine::read_many`]) use the ring. Single
+//! reads, writes and `fdatasync` are plain syscalls: one synchronous
+//! operation gains nothing from a ring, and buffered I/O on many
+//! filesystems is punted to a kernel worker thread, a thread switch per
+//! operation (measured in `UringEngine::write_all_at`'s notes).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -128,15 +134,12 @@ impl IoEngine for UringEngine {
         "uring"
     }
 
+    /// A plain `pread`, like writes (see [`Self::write_all_at`]): one
+    /// synchronous read gains nothing from the ring, and buffered reads that
+    /// cannot complete inline are punted to a kernel worker. The ring is for
+    /// [`Self::read_many`], which keeps many reads in flight at once.
     fn read_exact_at(&self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let fd = file.as_raw_fd();
-        match self.with_ring(|ring| ring_read_exact(ring, fd, offset, buf)) {
-            Some(res) => res,
-            None => PsyncEngine.read_exact_at(file, offset, buf),
-        }
+        PsyncEngine.read_exact_at(file, offset, buf)
     }
 
     fn read_many(&self, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
@@ -149,23 +152,20 @@ impl IoEngine for UringEngine {
         }
     }
 
+    /// A plain `pwrite`. Every call here submits one operation and waits
+    /// for it, so the ring could only add cost: buffered writes (and
+    /// `fdatasync`) on filesystems without async buffered-write support
+    /// (tmpfs, ext2/3, ...) are handed to an io-wq kernel worker, one thread
+    /// switch per write. Fetching a 1 GiB object into a tmpfs store took
+    /// 6.7 CPU-s/GB with ring writes and 5.1 with `pwrite`
+    /// (`bench/results/transport-2026-12-02-2.md`).
     fn write_all_at(&self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let fd = file.as_raw_fd();
-        match self.with_ring(|ring| ring_write_all(ring, fd, offset, buf)) {
-            Some(res) => res,
-            None => PsyncEngine.write_all_at(file, offset, buf),
-        }
+        PsyncEngine.write_all_at(file, offset, buf)
     }
 
+    /// A plain `fdatasync`, for the reason given at [`Self::write_all_at`].
     fn sync_data(&self, file: &File) -> io::Result<()> {
-        let fd = file.as_raw_fd();
-        match self.with_ring(|ring| ring_sync_data(ring, fd)) {
-            Some(res) => res,
-            None => PsyncEngine.sync_data(file),
-        }
+        PsyncEngine.sync_data(file)
     }
 }
 
@@ -318,54 +318,6 @@ fn ring_read_exact(
     Ok(())
 }
 
-fn ring_write_all(ring: &mut Ring, fd: RawFd, mut offset: u64, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        check_offset(offset)?;
-        let len = buf.len().min(MAX_RW);
-        let sqe = opcode::Write::new(types::Fd(fd), buf.as_ptr(), len as u32)
-            .offset(offset)
-            .build();
-        let mut res = 0;
-        // SAFETY: `buf` is borrowed for this whole function and `run_batch`
-        // waits for the write's completion, so the kernel reads only while
-        // the buffer is alive. `fd` belongs to a `File` our caller borrows.
-        unsafe { run_batch(ring, &[sqe], |_, r| res = r) }?;
-        match res {
-            r if r == -libc::EINTR => {}
-            r if r < 0 => return Err(cqe_error(r)),
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "failed to write whole buffer",
-                ))
-            }
-            n => {
-                let n = (n as usize).min(len);
-                buf = &buf[n..];
-                offset += n as u64;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn ring_sync_data(ring: &mut Ring, fd: RawFd) -> io::Result<()> {
-    loop {
-        let sqe = opcode::Fsync::new(types::Fd(fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        let mut res = 0;
-        // SAFETY: an fsync refers to no buffer; `fd` belongs to a `File` our
-        // caller borrows until we return, after the completion.
-        unsafe { run_batch(ring, &[sqe], |_, r| res = r) }?;
-        match res {
-            r if r == -libc::EINTR => {}
-            r if r < 0 => return Err(cqe_error(r)),
-            _ => return Ok(()),
-        }
-    }
-}
-
 /// Run `ops` in batches of up to the ring's capacity, every read of a batch in
 /// flight at once, then finish short reads one by one.
 fn ring_read_many(ring: &mut Ring, ops: &mut [ReadOp<'_>]) -> io::Result<()> {
@@ -457,6 +409,12 @@ mod tests {
         RING.with(|cell| cell.borrow().is_some())
     }
 
+    /// One read through the ring (a batch of one).
+    fn ring_read(engine: &UringEngine, file: &File, offset: u64, buf: &mut [u8]) {
+        let mut ops = [ReadOp { file, offset, buf }];
+        engine.read_many(&mut ops).expect("read_many");
+    }
+
     fn file_with(bytes: &[u8]) -> File {
         let mut file = tempfile::tempfile().expect("temp file");
         file.write_all(bytes).expect("fill temp file");
@@ -489,9 +447,12 @@ mod tests {
             let mut buf = [0u8; 3];
             engine.read_exact_at(&file, 2, &mut buf).expect("read");
             assert_eq!(&buf, b"cde");
-            assert!(ring_exists(), "the first call creates the ring");
+            assert!(!ring_exists(), "single reads do not use the ring");
+            ring_read(&engine, &file, 2, &mut buf);
+            assert_eq!(&buf, b"cde");
+            assert!(ring_exists(), "the first batch creates the ring");
             let fd_before = RING.with(|cell| cell.borrow().as_ref().map(|r| r.ring.as_raw_fd()));
-            engine.read_exact_at(&file, 0, &mut buf).expect("read");
+            ring_read(&engine, &file, 0, &mut buf);
             assert_eq!(&buf, b"abc");
             let fd_after = RING.with(|cell| cell.borrow().as_ref().map(|r| r.ring.as_raw_fd()));
             assert_eq!(fd_before, fd_after, "later calls reuse the ring");
@@ -532,9 +493,9 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
             assert!(!ring_exists(), "no ring was created, all calls used psync");
 
-            // Once rings can be made again, the next call gets one.
+            // Once rings can be made again, the next batch gets one.
             FAIL_NEW_RING.with(|fail| fail.set(false));
-            engine.read_exact_at(&file, 0, &mut buf).expect("read");
+            ring_read(&engine, &file, 0, &mut buf);
             assert_eq!(&buf, b"\0xyz");
             assert!(ring_exists());
         })
@@ -636,7 +597,12 @@ mod tests {
 
         let blocked = std::thread::spawn(move || {
             let mut buf = [0u8; 5];
-            engine.read_exact_at(&reader, 0, &mut buf).map(|()| buf)
+            let mut ops = [ReadOp {
+                file: &reader,
+                offset: 0,
+                buf: &mut buf,
+            }];
+            engine.read_many(&mut ops).map(|()| buf)
         });
         use std::os::unix::thread::JoinHandleExt;
         let thread = blocked.as_pthread_t();
@@ -662,6 +628,13 @@ mod tests {
         let err = engine
             .read_exact_at(&file, u64::MAX, &mut buf)
             .expect_err("bad offset");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let mut ops = [ReadOp {
+            file: &file,
+            offset: u64::MAX,
+            buf: &mut buf,
+        }];
+        let err = engine.read_many(&mut ops).expect_err("bad offset");
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
         let err = engine
             .write_all_at(&file, u64::MAX, b"x")

@@ -65,6 +65,8 @@ pub struct NodeOpts {
     /// Serve from this instead of the node's own store.
     pub source: Option<Arc<dyn ChunkSource>>,
     pub deny: Vec<String>,
+    /// zstd-compress chunks in the node's store.
+    pub compress: bool,
 }
 
 impl Default for NodeOpts {
@@ -74,6 +76,7 @@ impl Default for NodeOpts {
             fetch: FetchConfig::default(),
             source: None,
             deny: Vec::new(),
+            compress: false,
         }
     }
 }
@@ -88,8 +91,15 @@ impl TestNode {
         let dir = tempfile::tempdir().unwrap();
         let registry = prometheus::Registry::new();
         let store = Arc::new(
-            Store::open_with_registry(dir.path().join("store"), StoreConfig::default(), &registry)
-                .unwrap(),
+            Store::open_with_registry(
+                dir.path().join("store"),
+                StoreConfig {
+                    compress: opts.compress,
+                    ..StoreConfig::default()
+                },
+                &registry,
+            )
+            .unwrap(),
         );
         let metrics = TransportMetrics::new(&registry);
         let refusals = Refusals::new();
