@@ -157,8 +157,9 @@ impl IoEngine for UringEngine {
     /// `fdatasync`) on filesystems without async buffered-write support
     /// (tmpfs, ext2/3, ...) are handed to an io-wq kernel worker, one thread
     /// switch per write. Fetching a 1 GiB object into a tmpfs store took
-    /// 6.7 CPU-s/GB with ring writes and 5.1 with `pwrite`
-    /// (`bench/results/transport-2026-12-02-2.md`).
+    /// 6.5-6.7 CPU-s/GB with ring reads and writes and 5.1-5.3 with plain
+    /// syscalls (`--engine uring` vs `psync` of the transport bench, same
+    /// machine, back to back).
     fn write_all_at(&self, file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
         PsyncEngine.write_all_at(file, offset, buf)
     }
