@@ -21,8 +21,10 @@ pub(crate) const CF_OBJECTS: &str = "objects";
 pub(crate) const CF_DIGESTS: &str = "digests";
 pub(crate) const CF_NAMES: &str = "names";
 pub(crate) const CF_PINS: &str = "pins";
-pub(crate) const ALL_CFS: [&str; 6] = [
-    CF_CHUNKS, CF_RECIPES, CF_OBJECTS, CF_DIGESTS, CF_NAMES, CF_PINS,
+/// Small records the node keeps beside its chunks (site metadata).
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const ALL_CFS: [&str; 7] = [
+    CF_CHUNKS, CF_RECIPES, CF_OBJECTS, CF_DIGESTS, CF_NAMES, CF_PINS, CF_META,
 ];
 
 /// Longest name or pin key.

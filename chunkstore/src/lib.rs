@@ -33,6 +33,8 @@ pub mod index;
 #[cfg(feature = "store")]
 mod ingest;
 #[cfg(feature = "store")]
+mod kv;
+#[cfg(feature = "store")]
 mod metrics;
 #[cfg(feature = "store")]
 mod names;
@@ -58,6 +60,8 @@ pub use gc::{FsckReport, GcReport, VerifyReport};
 pub use id::{ChunkId, ObjectId, ParseIdError};
 #[cfg(feature = "store")]
 pub use ingest::{PutOptions, PutResult};
+#[cfg(feature = "store")]
+pub use kv::{MetaRecord, MAX_META_KEY, MAX_META_VALUE};
 #[cfg(feature = "store")]
 pub use metrics::StoreMetrics;
 pub use recipe::{ChunkRef, Recipe};

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod cluster;
 mod image_cmd;
 mod node_cmd;
+mod site_cmd;
 mod size;
 mod volume_cmd;
 
@@ -46,6 +47,9 @@ enum Cmd {
     Image(image_cmd::ImageArgs),
     /// Writable volumes on a running node, served over NBD (--api URL).
     Volume(volume_cmd::VolumeArgs),
+    /// Sites a running node knows: `ls` lists them, `show NAME` details one
+    /// (--api URL).
+    Site(site_cmd::SiteArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -155,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Fetch(args) => node_cmd::run_fetch(args).map(|()| ExitCode::SUCCESS),
         Cmd::Image(args) => image_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::Volume(args) => volume_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Site(args) => site_cmd::run(args).map(|()| ExitCode::SUCCESS),
     }
 }
 

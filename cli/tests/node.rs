@@ -68,6 +68,21 @@ fn node_serves_and_fetch_fills_another_store() {
     ]);
     assert!(!wrong.status.success());
 
+    // The node knows its own site: `cairn site ls` marks it, `show` details it.
+    let api = format!("http://{}", node.api);
+    let ls = ok(&cairn(&["site", "ls", "--api", &api]));
+    let me = ls
+        .lines()
+        .find(|l| l.starts_with("* "))
+        .unwrap_or_else(|| panic!("no local site in:\n{ls}"));
+    assert!(me.contains("self"), "{ls}");
+    let name = me[2..].split_whitespace().next().unwrap().to_owned();
+    let show = ok(&cairn(&["site", "show", &name, "--api", &api]));
+    assert!(show.contains(&name) && show.contains("self"), "{show}");
+    let none = cairn(&["site", "show", "no-such-site", "--api", &api]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no-such-site"));
+
     let status = node.stop();
     assert!(status.success(), "node exit on SIGTERM: {status:?}");
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cairn_chunkstore::{EngineKind, StoreConfig};
 use cairn_transport::{Congestion, EndpointConfig, FetchConfig, PeerAddr};
@@ -91,6 +92,30 @@ pub struct FileConfig {
     /// `[prefetch]`.
     #[serde(default)]
     pub prefetch: PrefetchSection,
+    /// `[meta]`.
+    #[serde(default)]
+    pub meta: MetaSection,
+}
+
+/// `[meta]`: site metadata (see `cairn_node::meta`). Times in milliseconds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaSection {
+    /// Between anti-entropy rounds with parents and peers (default 5000;
+    /// 100 to 3600000).
+    pub interval_ms: Option<u64>,
+    /// Between rewrites of this site's record (default 30000).
+    pub heartbeat_ms: Option<u64>,
+    /// Silence before a site is suspect (default 90000).
+    pub suspect_after_ms: Option<u64>,
+    /// Silence before a site is down (default 300000; above suspect).
+    pub down_after_ms: Option<u64>,
+    /// CPU offered to workloads, millicores.
+    pub cpu_millis: Option<u64>,
+    /// Memory offered to workloads, e.g. `"16G"`.
+    pub memory: Option<String>,
+    /// Latitude and longitude in degrees, e.g. `[48.1, 11.6]`.
+    pub geo: Option<[f32; 2]>,
 }
 
 /// `[replication]`.
@@ -388,6 +413,8 @@ pub struct NodeConfig {
     pub nbd_background_fill: bool,
     /// Predictive prefetch for exports of partly local images.
     pub prefetch: crate::prefetcher::PrefetchSettings,
+    /// Site metadata: anti-entropy, heartbeats, liveness.
+    pub meta: crate::meta::MetaSettings,
     /// Registry settings.
     pub registry: RegistrySection,
     /// Replication of pushes to other sites.
@@ -419,6 +446,7 @@ impl NodeConfig {
             nbd_allow_remote: false,
             nbd_background_fill: false,
             prefetch: Default::default(),
+            meta: Default::default(),
             registry: RegistrySection::default(),
             replication: ReplicationConfig::default(),
         }
@@ -478,6 +506,7 @@ impl NodeConfig {
         if let Some(b) = f.nbd.background_fill {
             c.nbd_background_fill = b;
         }
+        apply_meta(&f.meta, &mut c.meta)?;
         if let Some(b) = f.prefetch.enabled {
             c.prefetch.enabled = b;
         }
@@ -641,6 +670,53 @@ pub fn resolve_rule(
     })
 }
 
+fn apply_meta(f: &MetaSection, m: &mut crate::meta::MetaSettings) -> Result<(), ConfigError> {
+    let ms =
+        |what: &str, v: Option<u64>, lo: u64, hi: u64| -> Result<Option<Duration>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(v) if (lo..=hi).contains(&v) => Ok(Some(Duration::from_millis(v))),
+                Some(v) => Err(ConfigError::Invalid(format!(
+                    "meta.{what}: {v} is outside {lo}..{hi}"
+                ))),
+            }
+        };
+    const DAY: u64 = 24 * 3600 * 1000;
+    if let Some(d) = ms("interval_ms", f.interval_ms, 100, 3600 * 1000)? {
+        m.interval = d;
+    }
+    if let Some(d) = ms("heartbeat_ms", f.heartbeat_ms, 100, DAY)? {
+        m.heartbeat = d;
+    }
+    if let Some(d) = ms("suspect_after_ms", f.suspect_after_ms, 100, DAY)? {
+        m.suspect_after = d;
+    }
+    if let Some(d) = ms("down_after_ms", f.down_after_ms, 200, 30 * DAY)? {
+        m.down_after = d;
+    }
+    if m.suspect_after >= m.down_after {
+        return Err(ConfigError::Invalid(
+            "meta.suspect_after_ms must be below meta.down_after_ms".into(),
+        ));
+    }
+    if let Some(c) = f.cpu_millis {
+        m.cpu_millis = c;
+    }
+    if let Some(s) = &f.memory {
+        m.mem_bytes =
+            parse_size(s).map_err(|e| ConfigError::Invalid(format!("meta.memory: {e}")))?;
+    }
+    if let Some([lat, lon]) = f.geo {
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return Err(ConfigError::Invalid(format!(
+                "meta.geo: [{lat}, {lon}] is not a latitude and longitude"
+            )));
+        }
+        m.geo = Some((lat, lon));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,6 +785,30 @@ mod tests {
         assert!(c.prefetch.enabled && c.prefetch.use_profile);
         assert_eq!(c.prefetch.lead_bytes, 16 << 20);
         assert_eq!(c.prefetch.max_inflight, 32);
+        assert_eq!(c.meta.interval, Duration::from_secs(5));
+        assert_eq!(c.meta.mem_bytes, 16 << 30);
+        assert_eq!(c.meta.cpu_millis, 8000);
+        assert_eq!(c.meta.geo, Some((48.14, 11.58)));
+    }
+
+    #[test]
+    fn meta_limits_are_checked() {
+        let cfg = |t: &str| {
+            let f = FileConfig::parse(&format!("version = 1\n[meta]\n{t}"))?;
+            NodeConfig::from_file(&f, Path::new("."), Path::new("d")).map_err(|e| e.to_string())
+        };
+        let c = cfg("interval_ms = 200\nsuspect_after_ms = 1000\ndown_after_ms = 2000").unwrap();
+        assert_eq!(c.meta.interval, Duration::from_millis(200));
+        assert_eq!(c.meta.down_after, Duration::from_millis(2000));
+        for bad in [
+            "interval_ms = 5",
+            "suspect_after_ms = 5000\ndown_after_ms = 4000",
+            "geo = [91.0, 0.0]",
+            "memory = \"lots\"",
+            "colour = 1",
+        ] {
+            assert!(cfg(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

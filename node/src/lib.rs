@@ -29,6 +29,7 @@ use std::time::Duration;
 pub mod api;
 pub mod config;
 pub mod hlc;
+pub mod meta;
 pub mod prefetch;
 pub mod prefetcher;
 pub mod pullthrough;
@@ -179,6 +180,7 @@ pub struct Node {
     nbd: Option<tokio::task::JoinHandle<()>>,
     nbd_stats: Arc<cairn_nbd::ServerStats>,
     volumes: volume::Volumes,
+    meta: meta::Meta,
     cfg: NodeConfig,
 }
 
@@ -279,6 +281,27 @@ impl Node {
             }
             None => None,
         };
+        let mut meta_settings = cfg.meta.clone();
+        if meta_settings.parent.is_none() {
+            meta_settings.parent = cfg.parents.first().and_then(|p| p.name.clone());
+        }
+        let meta = meta::Meta::open(
+            store.clone(),
+            &cfg.site,
+            cfg.labels.clone(),
+            meta_settings,
+            &registry,
+        )
+        .map_err(|e| NodeError::Config(format!("site metadata: {e}")))?;
+        {
+            let links: Vec<cairn_transport::PeerAddr> =
+                cfg.parents.iter().chain(&cfg.peers).cloned().collect();
+            http.push(tokio::spawn(meta.clone().run(
+                fetcher.clone(),
+                links,
+                cancel.child_token(),
+            )));
+        }
         let server = Server::spawn(
             ep.clone(),
             store.clone(),
@@ -288,6 +311,7 @@ impl Node {
                 offers: replicator
                     .as_ref()
                     .map(replicate::Replicator::offer_handler),
+                meta: Some(meta.stream_handler()),
             },
             transport_metrics.clone(),
             refusals.clone(),
@@ -438,7 +462,8 @@ impl Node {
                     .collect(),
             })
             .merge(vm::routes(vm_images.clone()))
-            .merge(volume::routes(volumes.clone()));
+            .merge(volume::routes(volumes.clone()))
+            .merge(meta::routes(meta.clone()));
             http.push(tokio::spawn(api::serve(
                 "api",
                 l,
@@ -474,6 +499,7 @@ impl Node {
             nbd,
             nbd_stats,
             volumes,
+            meta,
             cfg,
         })
     }
@@ -523,7 +549,12 @@ impl Node {
         self.endpoint.local_addr().ok()
     }
 
-    /// All metrics of this node.
+    /// The node's site metadata.
+    pub fn meta(&self) -> &meta::Meta {
+        &self.meta
+    }
+
+    /// The node's metrics registry.
     pub fn registry(&self) -> &prometheus::Registry {
         &self.registry
     }

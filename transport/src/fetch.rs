@@ -342,6 +342,22 @@ impl Fetcher {
         Ok(out)
     }
 
+    /// Open a stream to `peer` and send `MetaSync` on it: the caller then
+    /// runs the site-metadata exchange over both halves. Also returns the
+    /// connection's current RTT estimate (QUIC's own).
+    pub async fn open_meta_stream(
+        &self,
+        peer: &PeerAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Duration), String> {
+        let p = self.peer(peer);
+        let conn = self.connection(&p).await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut out = BytesMut::new();
+        wire::encode_request(&Request::MetaSync, &mut out);
+        send.write_all(&out).await.map_err(|e| e.to_string())?;
+        Ok((send, recv, conn.rtt()))
+    }
+
     /// Offer `peer` the manifest `digest` of `repo` (tagged `tag` at
     /// `version` when `tag` is not empty): the peer pulls what it lacks
     /// from us and answers with its tag state afterwards, `(digest,

@@ -169,6 +169,29 @@ pub struct ServerConfig {
     pub wire_zstd: bool,
     /// Who takes `Offer`s; `None` answers them `NotFound`.
     pub offers: Option<Arc<dyn OfferHandler>>,
+    /// Who takes `MetaSync` streams; `None` answers them `NotFound`.
+    pub meta: Option<Arc<dyn StreamHandler>>,
+}
+
+/// A stream whose request hands it to another protocol (`MetaSync`): the
+/// handler owns both halves from here on.
+#[derive(Debug)]
+pub struct HandedStream {
+    /// The peer, as for [`Offer::from`].
+    pub from: PeerAddr,
+    /// Bytes that arrived after the request frame, not yet consumed.
+    pub leftover: BytesMut,
+    /// Our half.
+    pub send: quinn::SendStream,
+    /// Theirs.
+    pub recv: quinn::RecvStream,
+}
+
+/// Takes streams that carry another protocol after their request (the
+/// node's site-metadata sync). The server stops waiting when it shuts down.
+pub trait StreamHandler: std::fmt::Debug + Send + Sync + 'static {
+    /// Serve one stream to its end.
+    fn serve(&self, stream: HandedStream) -> BoxFuture<'static, ()>;
 }
 
 /// A running server. Stops when its token is cancelled.
@@ -294,10 +317,10 @@ async fn serve_connection(
 /// Read one request frame. `Err` carries the wire error to reset with.
 pub(crate) async fn read_request(
     recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
 ) -> Result<Option<Request>, wire::WireError> {
-    let mut buf = BytesMut::new();
     loop {
-        if let Some(r) = wire::decode_request(&mut buf)? {
+        if let Some(r) = wire::decode_request(buf)? {
             return Ok(Some(r));
         }
         match recv.read_chunk(64 * 1024, true).await {
@@ -321,7 +344,8 @@ async fn serve_stream(
     ctx: &Ctx,
     probe: &CompressProbe,
 ) {
-    let req = match read_request(&mut recv).await {
+    let mut buf = BytesMut::new();
+    let req = match read_request(&mut recv, &mut buf).await {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
@@ -405,6 +429,32 @@ async fn serve_stream(
                 version,
             };
             serve_offer(&mut send, offer, ctx).await
+        }
+        Request::MetaSync => {
+            ctx.metrics
+                .requests_served
+                .with_label_values(&["meta_sync"])
+                .inc();
+            let Some(h) = &ctx.cfg.meta else {
+                let _ = send_frames(
+                    &mut send,
+                    &[Response::Error {
+                        code: ErrorCode::NotFound,
+                        message: "this node keeps no site metadata".into(),
+                    }],
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            };
+            h.serve(HandedStream {
+                from: from.clone(),
+                leftover: buf,
+                send,
+                recv,
+            })
+            .await;
+            return;
         }
     };
     match res {

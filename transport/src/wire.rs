@@ -43,6 +43,7 @@
 //! | 4 | `Have` | `n u16 \| n × id` (n in 1..=[`MAX_BATCH`]) |
 //! | 5 | `Ping` | `nonce u64` |
 //! | 6 | `Offer` | `repo str \| tag str \| digest str \| version u64` |
+//! | 7 | `MetaSync` | empty; the rest of the stream, both ways, is the site-metadata exchange in its own framing |
 //!
 //! Responses (server to client):
 //!
@@ -190,6 +191,10 @@ pub enum Request {
         /// The tag's version (a hybrid logical clock reading); 0 if untagged.
         version: u64,
     },
+    /// Site metadata: after this frame the stream carries one anti-entropy
+    /// exchange (the `cairn-meta` sync messages, in their own length-limited
+    /// framing) in both directions. Servers without metadata answer `Error`.
+    MetaSync,
 }
 
 /// Application error codes, in `Error` frames and QUIC stream resets.
@@ -357,6 +362,7 @@ const REQ_GET_CHUNKS: u8 = 3;
 const REQ_HAVE: u8 = 4;
 const REQ_PING: u8 = 5;
 const REQ_OFFER: u8 = 6;
+const REQ_META_SYNC: u8 = 7;
 
 // Response kinds.
 const RESP_HELLO: u8 = 1;
@@ -454,6 +460,10 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             put_str(out, tag);
             put_str(out, digest);
             out.put_u64_le(*version);
+            finish_frame(out, start);
+        }
+        Request::MetaSync => {
+            let start = begin_frame(out, REQ_META_SYNC);
             finish_frame(out, start);
         }
     }
@@ -720,7 +730,8 @@ type BodyLimit = fn(u8, usize) -> Result<(), WireError>;
 
 fn request_body_limit(kind: u8, _body_len: usize) -> Result<(), WireError> {
     match kind {
-        REQ_HELLO | REQ_GET_OBJECT | REQ_GET_CHUNKS | REQ_HAVE | REQ_PING | REQ_OFFER => Ok(()),
+        REQ_HELLO | REQ_GET_OBJECT | REQ_GET_CHUNKS | REQ_HAVE | REQ_PING | REQ_OFFER
+        | REQ_META_SYNC => Ok(()),
         k => Err(WireError::UnknownKind(k)),
     }
 }
@@ -984,6 +995,10 @@ fn parse_request(kind: u8, body: &[u8]) -> Result<Request, WireError> {
                 version,
             }
         }
+        REQ_META_SYNC => {
+            Reader::new(body, "MetaSync").finish()?;
+            Request::MetaSync
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(req)
@@ -1186,6 +1201,7 @@ mod tests {
                 }),
             vec(arb_chunk_id(), 1..=MAX_BATCH).prop_map(|ids| Request::Have { ids }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+            Just(Request::MetaSync),
             (arb_string(), arb_string(), arb_string(), any::<u64>()).prop_map(
                 |(repo, tag, digest, version)| Request::Offer {
                     repo,
@@ -1680,9 +1696,11 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_rejected_per_direction() {
-        for k in [0u8, 7, 9, 200] {
+        for k in [0u8, 8, 9, 200] {
             assert_eq!(req_err(frame(k, &[])), WireError::UnknownKind(k));
         }
+        // MetaSync has an empty body; anything in it is malformed.
+        assert!(is_malformed(&req_err(frame(REQ_META_SYNC, &[1]))));
         for k in [0u8, 11, 255] {
             assert_eq!(resp_err(frame(k, &[])), WireError::UnknownKind(k));
         }

@@ -125,6 +125,7 @@ impl TestNode {
                 hello: hello.clone(),
                 wire_zstd: true,
                 offers: None,
+                meta: None,
             },
             metrics.clone(),
             refusals.clone(),
