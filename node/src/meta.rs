@@ -82,6 +82,7 @@ struct MetaMetrics {
     bytes: IntCounterVec,
     entries: IntCounterVec,
     coord_error: Gauge,
+    rtt_estimate_error: Gauge,
 }
 
 impl MetaMetrics {
@@ -115,6 +116,10 @@ impl MetaMetrics {
                 ),
                 &["outcome"],
             )?,
+            rtt_estimate_error: Gauge::new(
+                "cairn_meta_rtt_estimate_error",
+                "Median relative error of the coordinate-estimated RTT against the measured RTT, over the peers this site talks to (estimated just before each measurement).",
+            )?,
             coord_error: Gauge::new(
                 "cairn_meta_coord_error",
                 "This site's Vivaldi coordinate error estimate (relative; 1.0 before any sample).",
@@ -125,6 +130,7 @@ impl MetaMetrics {
         registry.register(Box::new(m.bytes.clone()))?;
         registry.register(Box::new(m.entries.clone()))?;
         registry.register(Box::new(m.coord_error.clone()))?;
+        registry.register(Box::new(m.rtt_estimate_error.clone()))?;
         Ok(m)
     }
 
@@ -159,6 +165,9 @@ struct State {
     live: Liveness<String>,
     /// Latest measured RTT (ms) to each peer we exchange with, by site.
     rtt: HashMap<String, f64>,
+    /// Relative error of the estimate against each peer's latest
+    /// measurement, taken before the measurement moved the coordinate.
+    est_err: HashMap<String, f64>,
     heartbeat: u64,
 }
 
@@ -255,6 +264,7 @@ impl Meta {
                     viv,
                     live,
                     rtt: HashMap::new(),
+                    est_err: HashMap::new(),
                     heartbeat,
                 }),
                 metrics: MetaMetrics::new(registry)?,
@@ -494,7 +504,9 @@ impl Meta {
         res
     }
 
-    /// Feed a measured RTT to the peer into our coordinate.
+    /// Feed a measured RTT to the peer into our coordinate. The peer's
+    /// site record is looked up by its node name: a site's node is expected
+    /// to carry the site's name (as `cairn cluster add-node SITE` makes it).
     fn observe_rtt(&self, peer: &PeerAddr, rtt: Duration) {
         let Some(name) = peer.name.clone() else {
             return;
@@ -504,13 +516,24 @@ impl Meta {
         st.rtt.insert(name.clone(), ms);
         let remote = st
             .replica
-            .get(&Key::Site(name))
+            .get(&Key::Site(name.clone()))
             .and_then(|b| SiteRecord::decode(b).ok())
             .and_then(|r| r.coord);
-        if let Some(c) = remote {
-            if st.viv.observe(ms.max(0.01), &c).is_ok() {
-                self.inner.metrics.coord_error.set(st.viv.error());
-            }
+        let Some(c) = remote else {
+            return;
+        };
+        if st.viv.samples() > 0 && ms > 0.0 {
+            let est = cairn_meta::vivaldi::estimate_rtt(&st.viv.coord(), &c);
+            st.est_err.insert(name, (est - ms).abs() / ms);
+            let mut errs: Vec<f64> = st.est_err.values().copied().collect();
+            errs.sort_by(f64::total_cmp);
+            self.inner
+                .metrics
+                .rtt_estimate_error
+                .set(errs[errs.len() / 2]);
+        }
+        if st.viv.observe(ms.max(0.01), &c).is_ok() {
+            self.inner.metrics.coord_error.set(st.viv.error());
         }
     }
 
@@ -520,6 +543,7 @@ impl Meta {
             mut recv,
             leftover,
             from,
+            rtt,
         } = s;
         let mut buf = leftover;
         let mut resp = Responder::new();
@@ -557,8 +581,11 @@ impl Meta {
         }
         .await;
         m.count_exchange("responder", &res, in_sync);
-        if let Err(e) = res {
-            debug!(peer = %from.addr, error = %e, "metadata exchange failed");
+        match res {
+            // Responders measure too: a site with no links of its own (the
+            // top of the tree) still gets a coordinate.
+            Ok(()) => self.observe_rtt(&from, rtt),
+            Err(e) => debug!(peer = %from.addr, error = %e, "metadata exchange failed"),
         }
     }
 

@@ -95,6 +95,17 @@ async fn records_converge_survive_a_partition_and_liveness_follows_the_link() {
     assert!(core_view.rtt_ms.is_some_and(|r| r > 0.0 && r < 1000.0));
     assert!(e2.rtt_ms.is_none());
 
+    // Every site gets a coordinate (core from the exchanges it answers), so
+    // edge1 estimates its RTT to edge2 without ever measuring it.
+    wait_for(20, "an estimated RTT from edge1 to edge2", || {
+        edge1
+            .meta()
+            .sites()
+            .sites
+            .iter()
+            .any(|s| s.name == "edge2" && s.rtt_est_ms.is_some_and(|r| r.is_finite() && r >= 0.0))
+    })
+    .await;
     // A record written at the core reaches both edges.
     core.meta().put(key(), Bytes::from_static(b"v0")).unwrap();
     wait_for(20, "v0 everywhere", || {

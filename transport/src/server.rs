@@ -179,6 +179,8 @@ pub struct ServerConfig {
 pub struct HandedStream {
     /// The peer, as for [`Offer::from`].
     pub from: PeerAddr,
+    /// The connection's RTT estimate when the stream arrived (QUIC's own).
+    pub rtt: std::time::Duration,
     /// Bytes that arrived after the request frame, not yet consumed.
     pub leftover: BytesMut,
     /// Our half.
@@ -305,10 +307,11 @@ async fn serve_connection(
         let peer = peer.clone();
         let probe = probe.clone();
         let from = from.clone();
+        let rtt = conn.rtt();
         tokio::spawn(async move {
             tokio::select! {
                 _ = ctx.cancel.cancelled() => {}
-                _ = serve_stream(send, recv, &peer, &from, &ctx, &probe) => {}
+                _ = serve_stream(send, recv, &peer, &from, rtt, &ctx, &probe) => {}
             }
         });
     }
@@ -341,6 +344,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     peer: &str,
     from: &PeerAddr,
+    rtt: std::time::Duration,
     ctx: &Ctx,
     probe: &CompressProbe,
 ) {
@@ -449,6 +453,7 @@ async fn serve_stream(
             };
             h.serve(HandedStream {
                 from: from.clone(),
+                rtt,
                 leftover: buf,
                 send,
                 recv,
