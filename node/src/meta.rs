@@ -323,7 +323,9 @@ impl Meta {
                 counter: st.heartbeat,
                 wall_ms: now_ms(),
             },
-            coord: (st.viv.samples() > 0).then(|| st.viv.coord()),
+            // Published from the start (the origin, error 1.0): a site whose
+            // peers had no coordinate yet could otherwise never take a sample.
+            coord: Some(st.viv.coord()),
         }
     }
 
