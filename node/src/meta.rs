@@ -306,7 +306,8 @@ impl Meta {
             }
         }
         let s = &self.inner.settings;
-        let (disk_total, disk_free) = disk_space(&self.inner.store.summary().dir);
+        let summary = self.inner.store.summary();
+        let (disk_total, disk_free) = disk_space(&summary.dir);
         SiteRecord {
             name: self.inner.site.clone(),
             labels,
@@ -315,7 +316,7 @@ impl Meta {
             capacity: Capacity {
                 disk_total,
                 disk_free,
-                cache_budget: self.inner.store.summary().budget_bytes.unwrap_or(0),
+                cache_budget: summary.budget_bytes.unwrap_or(0),
                 cpu_millis: s.cpu_millis,
                 mem_bytes: s.mem_bytes,
             },
@@ -469,11 +470,7 @@ impl Meta {
         let res: Result<(), String> = async {
             loop {
                 if let Some(msg) = out.take() {
-                    let frame = msg.encode().map_err(|e| e.to_string())?;
-                    m.bytes
-                        .with_label_values(&["out"])
-                        .inc_by(frame.len() as u64);
-                    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    write_msg(&mut send, &msg, m).await?;
                 }
                 let Some(msg) = read_msg(&mut recv, &mut buf, m).await? else {
                     return Err("peer ended the exchange early".into());
@@ -487,11 +484,7 @@ impl Meta {
                 out = step.send;
                 if step.done {
                     if let Some(msg) = out.take() {
-                        let frame = msg.encode().map_err(|e| e.to_string())?;
-                        m.bytes
-                            .with_label_values(&["out"])
-                            .inc_by(frame.len() as u64);
-                        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                        write_msg(&mut send, &msg, m).await?;
                     }
                     let _ = send.finish();
                     return Ok(());
@@ -569,11 +562,7 @@ impl Meta {
                 self.apply(&step).await.map_err(|e| e.to_string())?;
                 if let Some(msg) = &step.send {
                     in_sync |= matches!(msg, Message::InSync { .. });
-                    let frame = msg.encode().map_err(|e| e.to_string())?;
-                    m.bytes
-                        .with_label_values(&["out"])
-                        .inc_by(frame.len() as u64);
-                    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    write_msg(&mut send, msg, m).await?;
                 }
                 if step.done {
                     let _ = send.finish();
@@ -723,6 +712,19 @@ impl StreamHandler for Handler {
         let meta = self.0.clone();
         Box::pin(async move { meta.respond(stream).await })
     }
+}
+
+/// Encode `msg`, count it and send it.
+async fn write_msg(
+    send: &mut quinn::SendStream,
+    msg: &Message,
+    m: &MetaMetrics,
+) -> Result<(), String> {
+    let frame = msg.encode().map_err(|e| e.to_string())?;
+    m.bytes
+        .with_label_values(&["out"])
+        .inc_by(frame.len() as u64);
+    send.write_all(&frame).await.map_err(|e| e.to_string())
 }
 
 /// Read one metadata frame off `recv` (`None`: the stream ended cleanly
